@@ -24,9 +24,12 @@ def _missing_value(cfg: DictConfig) -> str | None:
     """The first ``???`` value left in the config, as a dotted key."""
 
     def walk(node, prefix: str) -> str | None:
-        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else []
-        for key, _ in items:
+        if not isinstance(node, DictConfig) or node._is_none():
+            return None
+        for key in node.keys():
             path = f"{prefix}{key}"
+            if path == "hydra":
+                continue
             if OmegaConf.is_missing(node, key):
                 return path
             child = node._get_node(key)
@@ -47,7 +50,11 @@ def validate(cfg: DictConfig) -> None:
         if not cfg.get(group):
             raise ConfigError(f"{group} is missing: choose one, e.g. hdl-train {group}=<preset>")
     try:
-        OmegaConf.to_container(cfg, resolve=True)
+        for key in cfg:
+            if key != "hydra":
+                OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(
+                    cfg[key]
+                ) else cfg[key]
     except MissingMandatoryValue as err:
         raise ConfigError(f"{err.full_key} must be set") from None
 

@@ -64,11 +64,12 @@ class HolisticModule(pl.LightningModule):
         x, y = batch
         out = self.loss.compute(self.net, x, y)
         bs = len(y)
-        self.log_dict({f"train/{k}": v for k, v in out.terms.items()}, batch_size=bs)
-        self.log("train/loss", out.total, prog_bar=True, batch_size=bs)
+        logged = {f"train/{k}": v for k, v in out.terms.items()}
+        self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("train/loss", out.total, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         if self.task == "classification":
             acc = (out.logits.detach().argmax(1) == y).float().mean()
-            self.log("train/acc", acc, prog_bar=True, batch_size=bs)
+            self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return out.total
 
     def _natural(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

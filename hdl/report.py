@@ -36,11 +36,13 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def collect_metrics(cfg: DictConfig, trainer, module, data, run_dir: Path) -> dict[str, Any]:
+def collect_metrics(
+    cfg: DictConfig, trainer, module, data, run_dir: Path, fit_metrics: dict
+) -> dict[str, Any]:
     from hdl.callbacks import EpochTimer
 
     metrics: dict[str, float] = {}
-    for key, value in trainer.callback_metrics.items():
+    for key, value in fit_metrics.items():
         if key.startswith(("train/", "val/", "time/", "sparsity/")) and _number(value) is not None:
             metrics[key] = _number(value)
     metrics.update(module.test_results)
@@ -71,7 +73,9 @@ def collect_metrics(cfg: DictConfig, trainer, module, data, run_dir: Path) -> di
         "global_step": int(trainer.global_step),
         "metrics": metrics,
         "sparsity": sparsity,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": {
+            k: OmegaConf.to_container(cfg, resolve=True)[k] for k in cfg if k != "hydra"
+        },
         "versions": versions(),
     }
 

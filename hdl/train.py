@@ -20,13 +20,15 @@ def config_dir() -> str:
     return str(packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf")
 
 
-def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` with our ``name`` key dropped and errors naming the config key."""
+def _instantiate(node: Any, key: str, drop_name: bool = False, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with errors that name the config key; ``drop_name`` removes
+    the ``name`` label that data and model presets carry for run names."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     node = OmegaConf.to_container(node, resolve=True)
-    node.pop("name", None)
+    if drop_name:
+        node.pop("name", None)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -94,10 +96,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     validate(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    data = _instantiate(cfg.data, "data")
+    data = _instantiate(cfg.data, "data", drop_name=True)
     data.prepare_arrays()  # loads and checks the data before anything trains
     net = _instantiate(
-        cfg.model, "model", input_shape=list(data.input_shape), num_outputs=data.num_outputs
+        cfg.model, "model", drop_name=True, input_shape=list(data.input_shape), num_outputs=data.num_outputs
     )
     loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
     loss = HolisticLoss(task=data.task, input_range=data.input_range, **loss_cfg)
@@ -122,9 +124,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     try:
         trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+        fit_metrics = dict(trainer.callback_metrics)  # trainer.test resets them
         if cfg.get("test", True):
             trainer.test(module, datamodule=data, verbose=False)
-        metrics = collect_metrics(cfg, trainer, module, data, run_dir)
+        metrics = collect_metrics(cfg, trainer, module, data, run_dir, fit_metrics)
         if trainer.is_global_zero:
             write_run_files(run_dir, metrics, module)
             if cfg.get("print_metrics", True):

@@ -108,7 +108,10 @@ class MnistSubset(ImageDataModule):
 
 TORCHVISION_SETS: dict[str, tuple[str, str]] = {
     # name: (torchvision class, what must be under root)
-    "mnist": ("MNIST", "MNIST/raw/ with train-images-idx3-ubyte, t10k-images-idx3-ubyte and labels"),
+    "mnist": (
+        "MNIST",
+        "MNIST/raw/ with train-images-idx3-ubyte, t10k-images-idx3-ubyte and labels",
+    ),
     "fashion_mnist": (
         "FashionMNIST",
         "FashionMNIST/raw/ with train-images-idx3-ubyte, t10k-images-idx3-ubyte and labels",

@@ -76,9 +76,7 @@ class RNN(nn.Module):
         kwargs = {}
         if cell == "rnn":
             if nonlinearity not in ("tanh", "relu"):
-                raise ConfigError(
-                    f"model.nonlinearity must be tanh or relu, got {nonlinearity!r}"
-                )
+                raise ConfigError(f"model.nonlinearity must be tanh or relu, got {nonlinearity!r}")
             kwargs["nonlinearity"] = nonlinearity
         self.rnn = CELLS[cell](
             input_size=features,

@@ -1,0 +1,503 @@
+"""Continuous sparsification: a differentiable L0 surrogate on every weight tensor.
+
+Each weight ``w`` of a Linear, Conv or RNN layer is reparametrized (``torch.nn.utils.parametrize``)
+as ``w * m`` with ``m = sigmoid(beta * s) / sigmoid(0)`` (so ``m == 1`` at ``s == 0``) while
+searching, and ``m = 1[s > 0]`` once the mask is hard. ``beta`` (the temperature) grows
+geometrically from 1 to ``final_temp`` over a search round; between rounds the logits are clipped
+to ``min(final_temp * s, init)`` so that the mask found survives ``beta`` restarting at 1
+(Savarese et al., "Winning the lottery with continuous sparsification"). :class:`SparsityCallback`
+drives the rounds, the lottery-ticket rewinding and the final, frozen hard round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from hdl.errors import ConfigError
+
+__all__ = [
+    "ContinuousMask",
+    "SparsityCallback",
+    "add_masks",
+    "clip_logits",
+    "effective_state",
+    "l0_penalty",
+    "mask_parameters",
+    "masks",
+    "set_hard",
+    "set_temperature",
+    "strip_masks",
+    "temperature_at",
+    "zero_fractions",
+]
+
+_CONV_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+_RNN_WEIGHT_PREFIXES = ("weight_ih_l", "weight_hh_l", "weight_hr_l")
+
+
+class ContinuousMask(nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization: ``forward(w) -> w * self.mask()``."""
+
+    def __init__(self, weight: Tensor | Sequence[int], init: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(weight, Tensor):
+            logits = torch.full_like(weight.detach(), float(init))
+        else:
+            logits = torch.full(tuple(weight), float(init))
+        self.logits = nn.Parameter(logits)
+        self.register_buffer("temperature", torch.tensor(1.0, device=logits.device))
+        self.register_buffer("hard", torch.tensor(False, device=logits.device))
+
+    def mask(self) -> Tensor:
+        """``1[s > 0]`` when hard, else ``sigmoid(temperature * s) / sigmoid(0)``.
+
+        ``torch.where`` on the 0-dim ``hard`` buffer instead of ``if self.hard``: no host/device
+        sync per forward, and the flag still lives in the state dict.
+        """
+        soft = torch.sigmoid(self.temperature * self.logits) * 2.0  # / sigmoid(0) == * 2, exact
+        binary = (self.logits > 0).to(self.logits.dtype)
+        return torch.where(self.hard, binary, soft)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask()
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.logits.shape)}"
+
+
+# --- which tensors are weights ---------------------------------------------------------------
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """Names of the weight tensors of a Linear / Conv / RNN module (no biases), else []."""
+    if isinstance(module, (nn.Linear, *_CONV_TYPES)):
+        return ["weight"]
+    if isinstance(module, nn.RNNBase):
+        return [n for n in module._flat_weights_names if n.startswith(_RNN_WEIGHT_PREFIXES)]
+    return []
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _weight_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(module name, module, tensor name) for every weight tensor, in registration order."""
+    for mod_name, module in model.named_modules():
+        for name in _weight_names(module):
+            yield mod_name, module, name
+
+
+def _module_masks(module: nn.Module) -> Iterator[tuple[str, ContinuousMask]]:
+    if not parametrize.is_parametrized(module):
+        return
+    for tensor_name, plist in module.parametrizations.items():
+        for p in plist:
+            if isinstance(p, ContinuousMask):
+                yield tensor_name, p
+
+
+# --- RNN modules: keep _flat_weights in sync with the parametrized weights -------------------
+
+
+def _refresh_flat_weights(module: nn.RNNBase, args: Any) -> None:
+    """Forward pre-hook: RNN forwards read ``module._flat_weights`` (the tensors captured at
+    construction), not ``getattr(module, name)``; point it at the masked values. Recent torch
+    also refreshes them itself (``_update_flat_weights``); this keeps older versions correct."""
+    module._flat_weights = [
+        getattr(module, n) if hasattr(module, n) else None for n in module._flat_weights_names
+    ]
+
+
+def _release_flat_weights(module: nn.RNNBase, args: Any, output: Any) -> None:
+    """Forward hook: drop the graph-carrying masked tensors after the forward. Otherwise
+    ``copy.deepcopy(model)`` fails ("Only Tensors created explicitly by the user ...") and the
+    graph of the last forward is kept alive until the next one."""
+    module._flat_weights = [
+        w.detach() if isinstance(w, Tensor) and w.grad_fn is not None else w
+        for w in module._flat_weights
+    ]
+
+
+def _has_hook(hooks: dict, fn: Any) -> bool:
+    return any(h is fn for h in hooks.values())
+
+
+def _install_rnn_hooks(module: nn.RNNBase) -> None:
+    if not _has_hook(module._forward_pre_hooks, _refresh_flat_weights):
+        module.register_forward_pre_hook(_refresh_flat_weights)
+    if not _has_hook(module._forward_hooks, _release_flat_weights):
+        module.register_forward_hook(_release_flat_weights, always_call=True)
+
+
+def _remove_rnn_hooks(module: nn.RNNBase) -> None:
+    for hooks, fn in (
+        (module._forward_pre_hooks, _refresh_flat_weights),
+        (module._forward_hooks, _release_flat_weights),
+    ):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            for extra in ("_forward_hooks_always_called", "_forward_hooks_with_kwargs"):
+                getattr(module, extra, {}).pop(key, None)
+
+
+def _reset_flat_weights(module: nn.RNNBase) -> None:
+    if hasattr(module, "_init_flat_weights"):
+        module._init_flat_weights()
+    else:  # pragma: no cover - very old torch
+        _refresh_flat_weights(module, ())
+
+
+# --- public functions ------------------------------------------------------------------------
+
+
+def add_masks(model: nn.Module, init: float = 0.0) -> int:
+    """Mask every weight tensor of ``model``'s Linear, Conv(Transpose) and RNN/LSTM/GRU layers.
+
+    Biases, norm layers and embeddings are left alone. Tensors that already carry a
+    :class:`ContinuousMask` are skipped, so calling it twice is harmless. Returns how many
+    tensors were masked by this call.
+    """
+    added = 0
+    for mod_name, module, name in list(_weight_modules(model)):
+        if any(t == name for t, _ in _module_masks(module)):
+            continue
+        weight = getattr(module, name)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"cannot mask {_qualified(mod_name, name)}: lazy module not initialised yet "
+                "(run one forward pass first)"
+            )
+        parametrize.register_parametrization(module, name, ContinuousMask(weight, init))
+        added += 1
+        if isinstance(module, nn.RNNBase):
+            _install_rnn_hooks(module)
+    return added
+
+
+def masks(model: nn.Module) -> list[tuple[str, ContinuousMask]]:
+    """(qualified weight name such as ``"body.0.weight"``, mask) for every masked tensor."""
+    found = []
+    for mod_name, module in model.named_modules():
+        for tensor_name, mask in _module_masks(module):
+            found.append((_qualified(mod_name, tensor_name), mask))
+    return found
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All mask logits (they get their own optimizer parameter group)."""
+    return [m.logits for _, m in masks(model)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def l0_penalty(model: nn.Module) -> Tensor:
+    """Sum of all mask entries (the L0 surrogate); a 0-dim tensor, 0 when nothing is masked."""
+    terms = [m.mask().sum() for _, m in masks(model)]
+    if not terms:
+        return torch.zeros((), device=_device(model))
+    return torch.stack(terms).sum()
+
+
+@torch.no_grad()
+def set_temperature(model: nn.Module, beta: float) -> None:
+    for _, m in masks(model):
+        m.temperature.fill_(float(beta))
+
+
+@torch.no_grad()
+def set_hard(model: nn.Module, hard: bool = True) -> None:
+    """Switch every mask to ``1[s > 0]`` and freeze its logits (``hard=False`` undoes both)."""
+    for _, m in masks(model):
+        m.hard.fill_(bool(hard))
+        m.logits.requires_grad_(not hard)
+
+
+@torch.no_grad()
+def clip_logits(model: nn.Module, final_temp: float, init: float) -> None:
+    """Between search rounds: ``s <- min(final_temp * s, init)``.
+
+    Multiplying by the final temperature makes ``sigmoid(1 * s')`` at the next round's start
+    equal ``sigmoid(final_temp * s)`` at the end of this one, so pruned weights stay pruned
+    when the temperature restarts at 1; the cap lets kept weights compete again.
+    """
+    for _, m in masks(model):
+        m.logits.mul_(float(final_temp)).clamp_(max=float(init))
+
+
+def temperature_at(progress: float, final_temp: float) -> float:
+    """Geometric schedule: ``final_temp ** progress``, progress clamped to [0, 1]."""
+    if final_temp <= 0:
+        raise ValueError(f"final_temp must be > 0, got {final_temp!r}")
+    return float(final_temp) ** min(max(float(progress), 0.0), 1.0)
+
+
+@torch.no_grad()
+def zero_fractions(model: nn.Module) -> dict[str, float]:
+    """Fraction of exactly-zero entries of every effective (masked) weight tensor of the
+    Linear / Conv / RNN layers, masked or not, plus ``"total"`` weighted by size."""
+    out: dict[str, float] = {}
+    zeros = 0
+    total = 0
+    for mod_name, module, name in _weight_modules(model):
+        w = getattr(module, name)
+        n_zero = int((w == 0).sum())
+        out[_qualified(mod_name, name)] = n_zero / max(w.numel(), 1)
+        zeros += n_zero
+        total += w.numel()
+    out["total"] = zeros / total if total else 0.0
+    return out
+
+
+@torch.no_grad()
+def effective_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict the model would have without masks: parametrized tensors evaluated
+    (masked values baked in) under their plain names, mask logits and buffers left out.
+    It loads into an unmasked copy of the same architecture."""
+    out: dict[str, Tensor] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        parametrized = parametrize.is_parametrized(module)
+        for name, p in module._parameters.items():
+            if p is not None:
+                out[prefix + name] = p.detach().clone()
+        if parametrized:
+            for name in module.parametrizations:
+                out[prefix + name] = getattr(module, name).detach().clone()
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out[prefix + name] = b.detach().clone()
+        for name, child in module._modules.items():
+            if child is None or (parametrized and name == "parametrizations"):
+                continue
+            walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return out
+
+
+@torch.no_grad()
+def strip_masks(model: nn.Module) -> nn.Module:
+    """Remove the mask parametrizations in place, baking the masked values into the weights
+    (for export). A tensor that carries other parametrizations besides the mask has them baked
+    in as well (parametrize cannot remove one entry of a chain). Returns ``model``."""
+    for _, module in list(model.named_modules()):
+        names = [t for t, _ in _module_masks(module)]
+        for name in names:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        if names and isinstance(module, nn.RNNBase):
+            _remove_rnn_hooks(module)
+            _reset_flat_weights(module)
+    return model
+
+
+# --- the schedule ----------------------------------------------------------------------------
+
+
+class SparsityCallback(pl.Callback):
+    """Runs continuous sparsification over ``trainer.max_epochs`` epochs.
+
+    ``search_rounds`` soft rounds of ``epochs_per_round`` epochs (default
+    ``max_epochs // (search_rounds + 1)``), then a final hard round that takes the remaining
+    epochs. In a search round the temperature grows geometrically from 1 to ``final_temp``,
+    reaching it at the round's last training step. The non-mask parameters of
+    ``pl_module.net`` are snapshot after ``rewind_epoch`` epochs of round 0 (0: before any step)
+    and rewound, with their optimizer state cleared, at the start of every later round. Before a
+    later *search* round the logits are clipped (:func:`clip_logits`); the final round makes the
+    mask hard and frozen. No clip before the final round: with ``mask_init <= 0`` the clip maps
+    every kept logit to ``<= 0``, and the hard mask ``1[s > 0]`` would prune everything.
+    """
+
+    def __init__(
+        self,
+        search_rounds: int = 2,
+        rewind_epoch: int = 1,
+        final_temp: float = 200.0,
+        mask_init: float = 0.0,
+        epochs_per_round: int | None = None,
+    ) -> None:
+        super().__init__()
+        if int(search_rounds) < 0:
+            raise ConfigError(f"loss.sparse.search_rounds must be >= 0, got {search_rounds!r}")
+        if not float(final_temp) >= 1.0:
+            raise ConfigError(f"loss.sparse.final_temp must be >= 1, got {final_temp!r}")
+        if int(rewind_epoch) < 0:
+            raise ConfigError(f"loss.sparse.rewind_epoch must be >= 0, got {rewind_epoch!r}")
+        if epochs_per_round is not None and int(epochs_per_round) < 1:
+            raise ConfigError(
+                f"loss.sparse.epochs_per_round must be >= 1, got {epochs_per_round!r}"
+            )
+        if int(search_rounds) == 0 and float(mask_init) <= 0:
+            raise ConfigError(
+                "loss.sparse.mask_init must be > 0 when loss.sparse.search_rounds is 0 "
+                f"(the hard mask 1[s > 0] of s = {mask_init!r} prunes every weight)"
+            )
+        self.search_rounds = int(search_rounds)
+        self.rounds = self.search_rounds + 1
+        self.rewind_epoch = int(rewind_epoch)
+        self.final_temp = float(final_temp)
+        self.mask_init = float(mask_init)
+        self._epochs_per_round_arg = None if epochs_per_round is None else int(epochs_per_round)
+        self.epochs_per_round: int | None = self._epochs_per_round_arg
+        self.current_round = 0
+        self.snapshot: dict[str, Tensor] | None = None
+
+    # --- helpers -------------------------------------------------------------------------
+    @property
+    def final_round(self) -> int:
+        return self.rounds - 1
+
+    def round_of(self, epoch: int) -> int:
+        """The round an epoch belongs to; epochs beyond the search rounds are all final."""
+        assert self.epochs_per_round is not None, "call setup() first"
+        return min(epoch // self.epochs_per_round, self.final_round)
+
+    @staticmethod
+    def _net(pl_module: pl.LightningModule) -> nn.Module:
+        net = getattr(pl_module, "net", None)
+        if not isinstance(net, nn.Module):
+            raise TypeError("SparsityCallback needs the network at pl_module.net")
+        return net
+
+    @staticmethod
+    def _weights(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """Named non-mask parameters of the network (what is snapshot and rewound)."""
+        mask_ids = {id(p) for p in mask_parameters(net)}
+        return [(n, p) for n, p in net.named_parameters() if id(p) not in mask_ids]
+
+    def _resolve(self, max_epochs: int | None) -> None:
+        if max_epochs is None or max_epochs < 1:
+            raise ConfigError(
+                f"trainer.max_epochs must be a positive number of epochs for loss.sparse "
+                f"(its rounds are counted in epochs), got {max_epochs!r}"
+            )
+        if max_epochs < self.rounds:
+            raise ConfigError(
+                f"trainer.max_epochs ({max_epochs}) must be >= loss.sparse.search_rounds + 1 "
+                f"({self.rounds})"
+            )
+        epr = self._epochs_per_round_arg or max(max_epochs // self.rounds, 1)
+        if self.search_rounds and epr * self.search_rounds >= max_epochs:
+            raise ConfigError(
+                f"loss.sparse.epochs_per_round ({epr}) leaves no epoch of trainer.max_epochs "
+                f"({max_epochs}) for the final hard round after {self.search_rounds} search rounds"
+            )
+        if self.search_rounds and self.rewind_epoch >= epr:
+            raise ConfigError(
+                f"loss.sparse.rewind_epoch must be < the epochs per round ({epr}), "
+                f"got {self.rewind_epoch}"
+            )
+        self.epochs_per_round = epr
+
+    # --- Lightning hooks -----------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._resolve(trainer.max_epochs)
+        net = self._net(pl_module)
+        if not masks(net):  # normally the module has added them already
+            add_masks(net, self.mask_init)
+        self.current_round = 0  # a resumed run overrides these in load_state_dict
+        self.snapshot = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # requires_grad is not part of any checkpoint: re-freeze after a resume in the final round
+        if self.current_round == self.final_round:
+            set_hard(self._net(pl_module), True)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self._net(pl_module)
+        epoch = trainer.current_epoch
+        r = self.round_of(epoch)
+        if r > self.current_round:
+            self._enter_round(trainer, net, r)
+        if r == self.final_round:
+            set_hard(net, True)  # idempotent
+        if self.search_rounds and r == 0 and epoch == self.rewind_epoch and self.snapshot is None:
+            self.snapshot = {n: p.detach().clone() for n, p in self._weights(net)}
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        net = self._net(pl_module)
+        r = self.round_of(trainer.current_epoch)
+        beta = 1.0  # the final round's hard mask ignores the temperature
+        if r < self.final_round:
+            beta = temperature_at(self._progress(trainer, batch_idx, r), self.final_temp)
+            set_temperature(net, beta)
+        pl_module.log("sparsity/temperature", beta, on_step=True, on_epoch=False)
+        pl_module.log("sparsity/round", float(r), on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = zero_fractions(self._net(pl_module))["total"]
+        pl_module.log("sparsity/zero_fraction", total, on_step=False, on_epoch=True)
+
+    def _progress(self, trainer: pl.Trainer, batch_idx: int, r: int) -> float:
+        """Position in the search round, 0 at its first step and 1 at its last."""
+        assert self.epochs_per_round is not None
+        epoch_in_round = trainer.current_epoch - r * self.epochs_per_round
+        n = trainer.num_training_batches
+        if not isinstance(n, int) or math.isinf(n) or n < 1:  # unsized loader: per epoch
+            return epoch_in_round / max(self.epochs_per_round - 1, 1)
+        steps = self.epochs_per_round * n
+        return (epoch_in_round * n + batch_idx) / max(steps - 1, 1)
+
+    def _enter_round(self, trainer: pl.Trainer, net: nn.Module, r: int) -> None:
+        if r < self.final_round:
+            clip_logits(net, self.final_temp, self.mask_init)
+        weights = self._weights(net)
+        if self.snapshot is None:
+            rank_zero_warn(
+                "SparsityCallback: no rewind snapshot (resumed from a checkpoint without the "
+                "callback state?); round starts without rewinding"
+            )
+        else:
+            with torch.no_grad():
+                for name, p in weights:
+                    if name in self.snapshot:
+                        p.copy_(self.snapshot[name])
+        # the rewound weights and the clipped/frozen logits start with fresh optimizer state
+        params = [p for _, p in weights] + mask_parameters(net)
+        for optimizer in trainer.optimizers:
+            for p in params:
+                optimizer.state.pop(p, None)
+        set_temperature(net, 1.0)
+        if r == self.final_round:
+            set_hard(net, True)
+        self.current_round = r
+
+    # --- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "current_round": self.current_round,
+            "snapshot": self.snapshot,
+            "epochs_per_round": self.epochs_per_round,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.current_round = int(state_dict.get("current_round", 0))
+        snap = state_dict.get("snapshot")
+        self.snapshot = None if snap is None else dict(snap)
+        if self._epochs_per_round_arg is None and state_dict.get("epochs_per_round"):
+            self.epochs_per_round = int(state_dict["epochs_per_round"])
