@@ -85,21 +85,23 @@ def build_callbacks(cfg: DictConfig, loss) -> list:
     return callbacks
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train and test one configuration; return the metrics written to ``metrics.json``."""
-    import pytorch_lightning as pl
+def build(cfg: DictConfig):
+    """Validate ``cfg`` and build (data module with arrays loaded, HolisticModule).
 
+    Shared by training and by ``hdl-eval`` (which rebuilds a run from its saved config)."""
     from hdl.config import validate
     from hdl.losses import HolisticLoss
     from hdl.module import HolisticModule
-    from hdl.report import collect_metrics, print_metrics, write_run_files
 
     validate(cfg)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     data = _instantiate(cfg.data, "data", drop_name=True)
     data.prepare_arrays()  # loads and checks the data before anything trains
     net = _instantiate(
-        cfg.model, "model", drop_name=True, input_shape=list(data.input_shape), num_outputs=data.num_outputs
+        cfg.model,
+        "model",
+        drop_name=True,
+        input_shape=list(data.input_shape),
+        num_outputs=data.num_outputs,
     )
     loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
     loss = HolisticLoss(task=data.task, input_range=data.input_range, **loss_cfg)
@@ -117,11 +119,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         input_range=data.input_range,
         num_classes=data.num_outputs if data.task == "classification" else None,
     )
+    return data, module
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train and test one configuration; return the metrics written to ``metrics.json``."""
+    import pytorch_lightning as pl
+
+    from hdl.report import collect_metrics, print_metrics, write_run_files
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    data, module = build(cfg)
+    loss = module.loss
     callbacks = build_callbacks(cfg, loss)
     loggers = build_loggers(cfg, run_dir)
-    trainer = _instantiate(
-        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False
-    )
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
         fit_metrics = dict(trainer.callback_metrics)  # trainer.test resets them

@@ -131,8 +131,10 @@ def test_unbounded_tabular_attacks(tabular, attack):
     """Every attack on 2-D, 2-class data (AutoAttack needs >= 4 classes and 4-D tensors)."""
     model, x, y = tabular
     x, y = x[:64], y[:64]
-    big = attack == "autoattack"  # everything falls before its 5000-query Square: keep it fast
-    for norm, eps in (("inf", 2.0 if big else 0.5), ("2", 4.0 if big else 1.0)):
+    # AutoAttack's Square makes 5000 queries per surviving example: at the larger l_2 radius
+    # nothing survives APGD, so only its l_inf run exercises every component (~3 s)
+    big = attack == "autoattack"
+    for norm, eps in (("inf", 2.0 if big else 0.5), ("2", 12.0 if big else 1.0)):
         x_adv = perturb(model, x, y, eps=eps, attack=attack, norm=norm, steps=20, seed=0)
         assert x_adv.shape == x.shape
         assert (_norms(x_adv, x, norm) <= eps + TOL).all()
