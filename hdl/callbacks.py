@@ -38,3 +38,52 @@ class EpochTimer(pl.Callback):
     def ms_per_step(self) -> float:
         steps = sum(self.steps)
         return 1000.0 * sum(self.epoch_seconds) / steps if steps else float("nan")
+
+
+class RNGState(pl.Callback):
+    """Saves the Python, NumPy and torch (CPU and CUDA) RNG states in every checkpoint and
+    restores them when training resumes, so a relaunched run draws the same dropout masks
+    as one that was never interrupted. Lightning checkpoints do not carry RNG state.
+
+    Restored at ``on_train_start`` (after the sanity check and any model set-up that draws
+    numbers), the last point before the first resumed training step. Under DDP every rank
+    restores rank 0's state (the one the checkpoint holds), as seeding had made them equal.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+        import torch
+
+        state = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loaded = dict(state_dict)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded is None:
+            return
+        import random
+
+        import numpy as np
+        import torch
+
+        state, self._loaded = self._loaded, None
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = state["cuda"]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)

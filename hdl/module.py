@@ -126,7 +126,8 @@ class HolisticModule(pl.LightningModule):
             results = {
                 k.replace("mse", "rmse"): v.sqrt() for k, v in results.items()
             } | results
-        self.log_dict(results)
+        # already reduced over ranks by torchmetrics: sync_dist only makes that explicit
+        self.log_dict(results, sync_dist=True)
         self.test_results = {k: float(v) for k, v in results.items()}
         self.test_natural.reset()
         for meter in self.test_adv:
