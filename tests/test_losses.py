@@ -179,3 +179,90 @@ def test_every_term_present_in_every_combination(batch):
 def test_bad_loss_config_names_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         HolisticLoss(**kwargs)
+
+
+# --- adversarial training as the robust term (loss.robust.method = pgd | fgsm_rs) -----------
+
+
+def _watch_training_forwards(model):
+    """Record (training flag, input) of every forward call of the model's first layer."""
+    calls = []
+    model[0].register_forward_hook(lambda m, i, o: calls.append((m.training, i[0].detach())))
+    return calls
+
+
+@pytest.mark.parametrize("method", ["pgd", "fgsm_rs"])
+def test_adversarial_training_loss_is_above_natural_loss(batch, method):
+    net, x, y = batch
+    loss = HolisticLoss(robust={"eps": 0.3, "method": method, "steps": 7})
+    per, logits = loss.per_example(net, x, y)
+    natural = F.cross_entropy(logits, y, reduction="none")
+    assert per.mean() > natural.mean()
+    if method == "pgd":  # 7 ascent steps from a random start beat the clean point everywhere
+        assert (per >= natural - 1e-6).all()
+
+
+@pytest.mark.parametrize("preset", ["pgd_at", "fgsm_at", "holistic_pgd"])
+def test_adversarial_presets_compose_with_stable_and_sparse(batch, preset):
+    from omegaconf import OmegaConf
+
+    from hdl.sparsity import add_masks
+    from hdl.train import config_dir
+
+    node = OmegaConf.to_container(OmegaConf.load(f"{config_dir()}/loss/{preset}.yaml"))
+    assert node.pop("name") == preset
+    loss = HolisticLoss(**node)
+    assert loss.robust.method in ("pgd", "fgsm_rs")
+    _, x, y = batch
+    model = small_net()
+    if loss.sparse.enabled:
+        add_masks(model)
+    total, terms = loss(model, x, y)
+    assert terms["robust"] >= terms["ce"]
+    expected = terms["stable"] if loss.stable.enabled else terms["robust"]
+    if loss.sparse.enabled:
+        expected = expected + loss.sparse.l0 * terms["l0"]
+    torch.testing.assert_close(total.detach(), expected)
+    total.backward()
+    if preset == "holistic_pgd":
+        assert loss.theta.grad is not None
+        assert all(p.grad is not None for n, p in model.named_parameters() if "logits" in n)
+
+
+def test_adversarial_examples_leave_batchnorm_and_dropout_alone():
+    """Attack forwards run in eval mode; the only training-mode forward is the one step on
+    [x, x_adv], so BatchNorm statistics move once, as in a plain step on 2B examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)
+    ).train()
+    calls = _watch_training_forwards(model)
+    modes = []
+    model[3].register_forward_hook(lambda m, i, o: modes.append(m.training))
+    x, y = torch.randn(12, 5), torch.randint(0, 4, (12,))
+    total, _ = HolisticLoss(robust={"eps": 0.3, "method": "pgd", "steps": 3})(model, x, y)
+    training = [inp for flag, inp in calls if flag]
+    assert len(calls) > 1 and len(training) == 1 and len(training[0]) == 2 * len(x)
+    assert sum(modes) == 1  # dropout active only in the training forward
+    assert int(model[1].num_batches_tracked) == 1
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(training[0][: len(x)], x)
+    total.backward()
+
+
+@pytest.mark.parametrize("method", ["pgd", "fgsm_rs"])
+def test_adversarial_examples_not_clamped_without_input_range(method):
+    """Standardised tabular features (input_range None) are never clamped to [0, 1]; with a
+    range, the examples stay in it."""
+    net = small_net()
+    calls = _watch_training_forwards(net)
+    x, y = 3.0 * torch.randn(12, 5), torch.randint(0, 4, (12,))
+    HolisticLoss(robust={"eps": 0.5, "method": method})(net, x, y)
+    x_adv = calls[-1][1][len(x) :]
+    assert ((x_adv - x).abs().amax(1) <= 0.5 + 1e-5).all() and not torch.equal(x_adv, x)
+    assert x_adv.max() > 1.0 and x_adv.min() < 0.0  # outside [0, 1]: nothing clamped
+    xr = torch.rand(12, 5)
+    loss = HolisticLoss(robust={"eps": 0.5, "method": method}, input_range=(0.0, 1.0))
+    loss(net, xr, y)
+    x_adv = calls[-1][1][len(xr) :]
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0 and not torch.equal(x_adv, xr)
