@@ -16,7 +16,7 @@ from hdl.errors import ConfigError
 from hdl.losses import parse_norm
 
 REQUIRED_GROUPS = ("data", "model", "loss", "optimizer", "trainer", "eval")
-EVAL_KEYS = {"eps", "attack", "norm", "steps"}
+EVAL_KEYS = {"eps", "attack", "norm", "steps", "square_check"}
 ATTACKS = ("pgd", "fgsm", "fgsm_rs", "apgd", "autoattack", "square")
 
 

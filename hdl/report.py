@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-PACKAGES = ("hdl", "torch", "pytorch-lightning", "hydra-core", "torchattacks", "wandb", "torchmetrics")
+PACKAGES = (
+    "hdl",
+    "torch",
+    "pytorch-lightning",
+    "hydra-core",
+    "torchattacks",
+    "wandb",
+    "torchmetrics",
+)
 
 
 def versions() -> dict[str, str]:
@@ -73,9 +81,7 @@ def collect_metrics(
         "global_step": int(trainer.global_step),
         "metrics": metrics,
         "sparsity": sparsity,
-        "config": {
-            k: OmegaConf.to_container(cfg, resolve=True)[k] for k in cfg if k != "hydra"
-        },
+        "config": {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in cfg if k != "hydra"},
         "versions": versions(),
     }
 
@@ -86,7 +92,23 @@ def write_run_files(run_dir: Path, metrics: dict[str, Any], module) -> None:
     if module.test_logits:
         logits = torch.cat(module.test_logits).float().numpy()
         targets = torch.cat(module.test_targets).numpy()
-        np.savez_compressed(run_dir / "predictions.npz", logits=logits.astype(np.float16), targets=targets)
+        np.savez_compressed(
+            run_dir / "predictions.npz", logits=logits.astype(np.float16), targets=targets
+        )
+    np.savez_compressed(run_dir / "weights.npz", **effective_weights(module.net))
+
+
+def effective_weights(net: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The network's parameters as used in the forward pass (masks applied, mask logits and
+    buffers left out), under their plain names: what stability across splits compares."""
+    from hdl.sparsity import effective_state
+
+    buffers = {name for name, _ in net.named_buffers()}
+    return {
+        name: t.detach().cpu().float().numpy()
+        for name, t in effective_state(net).items()
+        if name not in buffers
+    }
 
 
 def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:

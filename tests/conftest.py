@@ -40,6 +40,7 @@ TINY = [
     "logger=csv",
     "eval.eps=[0.1,0.5]",
     "eval.steps=5",
+    "eval.square_check=false",
     "print_metrics=false",
     "~callbacks.progress_bar",
 ]

@@ -1,0 +1,142 @@
+"""PNG plots of a comparison (matplotlib, headless): accuracy vs eps, sparsity per layer, spread
+across splits, and a radar chart of the four holistic axes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from hdl.compare import Variant
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _kind(variants: Sequence[Variant]) -> str:
+    return "acc" if variants[0].task == "classification" else "rmse"
+
+
+def accuracy_vs_eps(variants: Sequence[Variant], path: Path) -> Path:
+    from hdl.compare import adversarial_keys
+
+    plt = _pyplot()
+    kind = _kind(variants)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for attack in sorted({a for a, _ in adversarial_keys(variants)} - {"square"}):
+        radii = sorted(e for a, e in adversarial_keys(variants) if a == attack)
+        for v in variants:
+            keys = [f"test/{kind}"] + [f"test/{attack}_{kind}@{e:g}" for e in radii]
+            stats = [v.stats.get(k, (math.nan, math.nan)) for k in keys]
+            ax.errorbar(
+                [0.0, *radii],
+                [m for m, _ in stats],
+                yerr=[s for _, s in stats],
+                marker="o",
+                capsize=3,
+                label=v.label if attack == "pgd" else f"{v.label} ({attack})",
+            )
+    ax.set_xlabel("ε (attack radius)")
+    ax.set_ylabel("test accuracy" if kind == "acc" else "test RMSE")
+    ax.set_title("Robustness: PGD accuracy vs ε (mean ± std over splits)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sparsity_per_layer(variants: Sequence[Variant], path: Path) -> Path:
+    plt = _pyplot()
+    layers = list(dict.fromkeys(name for v in variants for name in v.layers))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(layers) + 2), 4))
+    width = 0.8 / max(len(variants), 1)
+    x = np.arange(len(layers))
+    for i, v in enumerate(variants):
+        ax.bar(x + i * width, [100 * v.layers.get(n, 0.0) for n in layers], width, label=v.label)
+    ax.set_xticks(x + 0.4 - width / 2, layers, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("zero weights (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Sparsity per layer (mean over splits)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def spread_across_splits(variants: Sequence[Variant], path: Path) -> Path:
+    plt = _pyplot()
+    kind = _kind(variants)
+    key = f"test/{kind}"
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(variants) + 2), 4))
+    data = [[r.metrics.get(key, math.nan) for r in v.runs] for v in variants]
+    ax.boxplot(data, showmeans=True)
+    for i, values in enumerate(data, start=1):
+        jitter = np.linspace(-0.08, 0.08, len(values)) if len(values) > 1 else [0.0]
+        ax.scatter(i + np.asarray(jitter), values, s=14, alpha=0.7, zorder=3)
+    ax.set_xticks(range(1, len(variants) + 1), [v.label for v in variants], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy" if kind == "acc" else "test RMSE")
+    ax.set_title("Stability: test metric across train/validation splits")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def radar(points: Mapping[str, Mapping[str, float]], path: Path) -> Path:
+    """The four axes per variant; each axis min-max scaled over the variants (outer = best)."""
+    from hdl.compare import AXES
+
+    plt = _pyplot()
+    angles = np.linspace(0, 2 * np.pi, len(AXES), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), subplot_kw={"polar": True})
+    scaled: dict[str, list[float]] = {label: [] for label in points}
+    for a in AXES:
+        values = [p.get(a, math.nan) for p in points.values()]
+        finite = [v for v in values if math.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        for label, p in points.items():
+            v = p.get(a, math.nan)
+            scaled[label].append(
+                0.0
+                if not math.isfinite(v)
+                else 1.0
+                if hi == lo
+                else 0.1 + 0.9 * (v - lo) / (hi - lo)
+            )
+    for label, values in scaled.items():
+        ax.plot(angles + angles[:1], values + values[:1], marker="o", label=label)
+        ax.fill(angles + angles[:1], values + values[:1], alpha=0.08)
+    ax.set_xticks(angles, list(AXES))
+    ax.set_yticklabels([])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Holistic axes (scaled over variants; outer is better)", fontsize=10)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(
+    variants: Sequence[Variant], points: Mapping[str, Mapping[str, float]], out: Path
+) -> list[Path]:
+    return [
+        accuracy_vs_eps(variants, out / "accuracy_vs_eps.png"),
+        sparsity_per_layer(variants, out / "sparsity_per_layer.png"),
+        spread_across_splits(variants, out / "spread_across_splits.png"),
+        radar(points, out / "axes_radar.png"),
+    ]
