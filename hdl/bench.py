@@ -32,6 +32,7 @@ from hdl.losses import HolisticLoss, parse_norm, robust_cross_entropy
 from hdl.train import config_dir
 
 Step = Callable[[], None]
+Clock = Callable[[], float]
 
 
 # --- building blocks ------------------------------------------------------------------------
@@ -98,10 +99,10 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    steps: dict[str, Step], warmup: int, repeats: int, device: torch.device
+    steps: dict[str, Step], warmup: int, repeats: int, device: torch.device, clock: Clock
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Seconds of every repeat of every step, the steps taking turns within each repeat.
-    A step that raises during warm-up is dropped and its error returned instead."""
+    """Seconds (by ``clock``) of every repeat of every step, the steps taking turns within
+    each repeat. A step that raises during warm-up is dropped and its error returned instead."""
     errors: dict[str, str] = {}
     for name, step in list(steps.items()):
         try:
@@ -114,11 +115,20 @@ def time_interleaved(
     for _ in range(int(repeats)):
         for name, step in live.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             step()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times, errors
+
+
+def pick_clock(device: torch.device, threads: int) -> tuple[Clock, str]:
+    """CPU time of the process on a one-thread CPU run: unlike wall time it does not count the
+    time other jobs hold the core, so ratios stay meaningful on a shared machine. Wall time
+    otherwise (a GPU, or several threads whose spin-waits would count as CPU time)."""
+    if device.type == "cpu" and threads == 1:
+        return time.process_time, "process CPU time"
+    return time.perf_counter, "wall time"
 
 
 def _ms(seconds: list[float]) -> float:
@@ -134,7 +144,7 @@ def topk_error(model: nn.Module, x: Tensor, y: Tensor, robust: Any) -> float:
     return float(((exact - approx).abs() / exact.abs().clamp_min(1e-12)).mean())
 
 
-def bench_variants(cfg: DictConfig, device: torch.device) -> list[dict[str, Any]]:
+def bench_variants(cfg: DictConfig, device: torch.device, clock: Clock) -> list[dict[str, Any]]:
     """One row per loss variant: ms per step, ratio to plain, peak memory, top-k error."""
     preset = cfg.presets[cfg.preset]
     classes = int(cfg.classes)
@@ -152,7 +162,7 @@ def bench_variants(cfg: DictConfig, device: torch.device) -> list[dict[str, Any]
     for name, loss in losses.items():  # error against exact, on the untrained weights
         if loss.robust.enabled and loss.robust.method == "first_order" and loss.robust.top_k:
             notes[name] = topk_error(base, x, y, loss.robust)
-    times, errors = time_interleaved(steps, cfg.warmup, cfg.repeats, device)
+    times, errors = time_interleaved(steps, cfg.warmup, cfg.repeats, device, clock)
     plain = _ms(times["plain"]) if "plain" in times else math.nan
     rows = []
     for name in steps:
@@ -168,7 +178,7 @@ def bench_variants(cfg: DictConfig, device: torch.device) -> list[dict[str, Any]
     return rows
 
 
-def bench_scaling(cfg: DictConfig, device: torch.device) -> list[dict[str, Any]]:
+def bench_scaling(cfg: DictConfig, device: torch.device, clock: Clock) -> list[dict[str, Any]]:
     """Exact and top-k (l_inf) step cost vs plain CE for an MLP at each classes x input size."""
     s = cfg.scaling
     eps = float(OmegaConf.load(Path(config_dir()) / "loss" / "robust.yaml").robust.eps)
@@ -195,7 +205,7 @@ def bench_scaling(cfg: DictConfig, device: torch.device) -> list[dict[str, Any]]
                 name: make_step(copy.deepcopy(base), HolisticLoss(robust=spec), x, y)
                 for name, spec in specs.items()
             }
-            times, _ = time_interleaved(steps, cfg.warmup, s.repeats, device)
+            times, _ = time_interleaved(steps, cfg.warmup, s.repeats, device, clock)
             plain = _ms(times["plain"])
             row: dict[str, Any] = {"classes": int(classes), "input_size": int(size)}
             row["plain_ms"] = plain
@@ -207,7 +217,9 @@ def bench_scaling(cfg: DictConfig, device: torch.device) -> list[dict[str, Any]]
     return rows
 
 
-def bench_exact_options(cfg: DictConfig, device: torch.device) -> list[dict[str, Any]]:
+def bench_exact_options(
+    cfg: DictConfig, device: torch.device, clock: Clock
+) -> list[dict[str, Any]]:
     """Each implementation of the exact term: agreement with the library and ms per step."""
     from hdl.bench_exact import OPTIONS
 
@@ -231,7 +243,7 @@ def bench_exact_options(cfg: DictConfig, device: torch.device) -> list[dict[str,
             errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             continue
         steps[name] = _option_step(fn, model, x, y, eps, p)
-    times, step_errors = time_interleaved(steps, cfg.warmup, cfg.repeats, device)
+    times, step_errors = time_interleaved(steps, cfg.warmup, cfg.repeats, device, clock)
     errors |= step_errors
     plain = _ms(times["plain"])
     rows = []
@@ -290,8 +302,9 @@ def report(result: dict[str, Any]) -> str:
     env = result["environment"]
     out = [
         f"hdl-bench: preset {result['preset']} ({result['model']}), batch {result['batch_size']}, "
-        f"{result['classes']} classes, {env['device']} ({env['threads']} threads), median of "
-        f"{result['repeats']} steps after {result['warmup']} warm-up, torch {env['torch']}",
+        f"{result['classes']} classes, {env['device']} ({env['threads']} threads), torch "
+        f"{env['torch']}; ms = median {result['clock']} of {result['repeats']} steps after "
+        f"{result['warmup']} warm-up",
         "",
         format_table(
             result["variants"],
@@ -357,11 +370,16 @@ def _describe(model: nn.Module) -> str:
     return f"{type(model).__name__}, {n:,} parameters"
 
 
+def _progress(message: str) -> None:
+    print(f"[hdl-bench] {message}", file=sys.stderr, flush=True)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run every enabled section; return the results (what the JSON holds)."""
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = pick_device(str(cfg.device))
+    clock, clock_name = pick_clock(device, torch.get_num_threads())
     start = time.perf_counter()
     preset = cfg.presets[cfg.preset]
     result: dict[str, Any] = {
@@ -372,16 +390,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "warmup": int(cfg.warmup),
         "repeats": int(cfg.repeats),
         "environment": _environment(device),
-        "variants": bench_variants(cfg, device),
+        "clock": clock_name,
     }
+    _progress(f"loss variants ({len(cfg.variants)}) on {device.type}")
+    result["variants"] = bench_variants(cfg, device, clock)
     if cfg.scaling.enabled:
-        result["scaling"] = bench_scaling(cfg, device)
+        _progress("scaling with classes and input size")
+        result["scaling"] = bench_scaling(cfg, device, clock)
     if cfg.exact_options.enabled:
-        result["exact_options"] = bench_exact_options(cfg, device)
+        _progress("implementations of the exact term")
+        result["exact_options"] = bench_exact_options(cfg, device, clock)
     if cfg.overhead.enabled:
         from hdl.bench_overhead import lightning_overhead
 
-        result["overhead"] = lightning_overhead(cfg.overhead, device, int(cfg.seed))
+        _progress("Lightning overhead")
+        result["overhead"] = lightning_overhead(cfg.overhead, device, clock, int(cfg.seed))
     result["seconds"] = time.perf_counter() - start
     result["config"] = OmegaConf.to_container(cfg, resolve=True)
     return result

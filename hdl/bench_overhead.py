@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -31,20 +32,23 @@ class _QuietModule(HolisticModule):
 class _EpochTimer(pl.Callback):
     """Wall time of each training epoch (the loop itself, not Trainer setup)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
         self.times: list[float] = []
         self._start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(self.clock() - self._start)
 
 
-def _fit_epoch(module: HolisticModule, data: IndexBatches, accelerator: str) -> tuple[float, float]:
+def _fit_epoch(
+    module: HolisticModule, data: IndexBatches, accelerator: str, clock: Callable[[], float]
+) -> tuple[float, float]:
     """(epoch seconds, whole fit call seconds) of a fresh one-epoch Trainer."""
-    timer = _EpochTimer()
+    timer = _EpochTimer(clock)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -58,18 +62,22 @@ def _fit_epoch(module: HolisticModule, data: IndexBatches, accelerator: str) -> 
         limit_val_batches=0,
         inference_mode=False,
     )
-    start = time.perf_counter()
+    start = clock()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, train_dataloaders=data)
-    return timer.times[-1], time.perf_counter() - start
+    return timer.times[-1], clock() - start
 
 
 def _plain_epoch(
-    net: nn.Module, loss: HolisticLoss, data: IndexBatches, device: torch.device
+    net: nn.Module,
+    loss: HolisticLoss,
+    data: IndexBatches,
+    device: torch.device,
+    clock: Callable[[], float],
 ) -> float:
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    start = time.perf_counter()
+    start = clock()
     for x, y in data:
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -78,10 +86,12 @@ def _plain_epoch(
         optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def lightning_overhead(cfg: Any, device: torch.device, seed: int = 0) -> list[dict[str, Any]]:
+def lightning_overhead(
+    cfg: Any, device: torch.device, clock: Callable[[], float] = time.perf_counter, seed: int = 0
+) -> list[dict[str, Any]]:
     """For each batch size: median epoch seconds of ``Trainer.fit`` (HolisticModule as it is,
     and without its per-step logging) and of the plain loop, measured in alternating rounds
     (the CPU may be shared), and the ratios."""
@@ -99,16 +109,16 @@ def lightning_overhead(cfg: Any, device: torch.device, seed: int = 0) -> list[di
         module = HolisticModule(net, loss, optimizer=adam)
         quiet = _QuietModule(net, loss, optimizer=adam)
         data = IndexBatches(x, y, int(batch_size), shuffle=True, seed=seed)
-        _plain_epoch(net, loss, data, device)  # warm-up of every path
-        _fit_epoch(module, data, accelerator)
-        _fit_epoch(quiet, data, accelerator)
+        _plain_epoch(net, loss, data, device, clock)  # warm-up of every path
+        _fit_epoch(module, data, accelerator, clock)
+        _fit_epoch(quiet, data, accelerator, clock)
         fit, call, nolog, plain = [], [], [], []
         for _ in range(int(cfg.rounds)):
-            epoch, whole = _fit_epoch(module, data, accelerator)
+            epoch, whole = _fit_epoch(module, data, accelerator, clock)
             fit.append(epoch)
             call.append(whole)
-            nolog.append(_fit_epoch(quiet, data, accelerator)[0])
-            plain.append(_plain_epoch(net, loss, data, device))
+            nolog.append(_fit_epoch(quiet, data, accelerator, clock)[0])
+            plain.append(_plain_epoch(net, loss, data, device, clock))
         rows.append(
             {
                 "batch_size": int(batch_size),
