@@ -300,23 +300,31 @@ def parse_preferences(text: str | None) -> dict[str, float]:
     return weights
 
 
-def recommend(
-    points: Mapping[str, Mapping[str, float]], weights: Mapping[str, float]
-) -> list[tuple[str, float]]:
-    """Pareto-optimal variants ranked by the weighted sum of their min-max normalised axes."""
-    front = pareto_front(points)
-    normalised: dict[str, dict[str, float]] = {label: {} for label in points}
+def normalise_axes(points: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each axis min-max scaled to [0, 1] over the variants (1 where all are equal; NaN stays)."""
+    out: dict[str, dict[str, float]] = {label: {} for label in points}
     for a in AXES:
-        values = [p.get(a, math.nan) for p in points.values()]
-        finite = [x for x in values if math.isfinite(x)]
+        finite = [p[a] for p in points.values() if math.isfinite(p.get(a, math.nan))]
         lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
         for label, p in points.items():
             x = p.get(a, math.nan)
-            normalised[label][a] = 0.0 if not math.isfinite(x) or hi == lo else (x - lo) / (hi - lo)
+            out[label][a] = x if not math.isfinite(x) else 1.0 if hi == lo else (x - lo) / (hi - lo)
+    return out
+
+
+def recommend(
+    points: Mapping[str, Mapping[str, float]], weights: Mapping[str, float]
+) -> list[tuple[str, float]]:
+    """Pareto-optimal variants ranked by the weighted sum of their min-max normalised axes
+    (an axis no variant has counts 0)."""
+    normalised = normalise_axes(points)
     total = sum(weights.values())
-    scores = [
-        (label, sum(weights[a] * normalised[label][a] for a in AXES) / total) for label in front
-    ]
+
+    def score(label: str) -> float:
+        values = normalised[label]
+        return sum(w * values[a] for a, w in weights.items() if math.isfinite(values[a])) / total
+
+    scores = [(label, score(label)) for label in pareto_front(points)]
     return sorted(scores, key=lambda s: -s[1])
 
 

@@ -23,6 +23,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def _kind(variants: Sequence[Variant]) -> str:
     return "acc" if variants[0].task == "classification" else "rmse"
 
@@ -51,10 +58,7 @@ def accuracy_vs_eps(variants: Sequence[Variant], path: Path) -> Path:
     ax.set_title("Robustness: PGD accuracy vs ε (mean ± std over splits)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def sparsity_per_layer(variants: Sequence[Variant], path: Path) -> Path:
@@ -70,10 +74,7 @@ def sparsity_per_layer(variants: Sequence[Variant], path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.set_title("Sparsity per layer (mean over splits)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def spread_across_splits(variants: Sequence[Variant], path: Path) -> Path:
@@ -90,33 +91,21 @@ def spread_across_splits(variants: Sequence[Variant], path: Path) -> Path:
     ax.set_ylabel("test accuracy" if kind == "acc" else "test RMSE")
     ax.set_title("Stability: test metric across train/validation splits")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def radar(points: Mapping[str, Mapping[str, float]], path: Path) -> Path:
     """The four axes per variant; each axis min-max scaled over the variants (outer = best)."""
-    from hdl.compare import AXES
+    from hdl.compare import AXES, normalise_axes
 
     plt = _pyplot()
     angles = np.linspace(0, 2 * np.pi, len(AXES), endpoint=False).tolist()
     fig, ax = plt.subplots(figsize=(5.5, 5.5), subplot_kw={"polar": True})
-    scaled: dict[str, list[float]] = {label: [] for label in points}
-    for a in AXES:
-        values = [p.get(a, math.nan) for p in points.values()]
-        finite = [v for v in values if math.isfinite(v)]
-        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-        for label, p in points.items():
-            v = p.get(a, math.nan)
-            scaled[label].append(
-                0.0
-                if not math.isfinite(v)
-                else 1.0
-                if hi == lo
-                else 0.1 + 0.9 * (v - lo) / (hi - lo)
-            )
+    normalised = normalise_axes(points)
+    scaled = {
+        label: [0.0 if math.isnan(v[a]) else 0.1 + 0.9 * v[a] for a in AXES]
+        for label, v in normalised.items()
+    }
     for label, values in scaled.items():
         ax.plot(angles + angles[:1], values + values[:1], marker="o", label=label)
         ax.fill(angles + angles[:1], values + values[:1], alpha=0.08)
@@ -125,10 +114,7 @@ def radar(points: Mapping[str, Mapping[str, float]], path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_title("Holistic axes (scaled over variants; outer is better)", fontsize=10)
     ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plots(
