@@ -59,9 +59,10 @@ class RNGState(pl.Callback):
         import numpy as np
         import torch
 
-        state = {
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {  # tensors and plain tuples only: Lightning loads checkpoints weights_only
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -81,9 +82,22 @@ class RNGState(pl.Callback):
 
         state, self._loaded = self._loaded, None
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             cuda = state["cuda"]
             if len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
+
+
+class ShuffleEpoch(pl.Callback):
+    """Sets a ``set_epoch``-able train loader (``IndexBatches``) to the trainer's epoch before
+    each epoch, as Lightning does for samplers only. The loader otherwise counts epochs from
+    the one it was created in, which after a resume is the checkpoint's (already finished)
+    epoch: the resumed run would reshuffle as one epoch earlier."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(trainer.current_epoch)

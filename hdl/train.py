@@ -72,7 +72,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def build_callbacks(cfg: DictConfig, loss) -> list:
-    from hdl.callbacks import EpochTimer, RNGState
+    from hdl.callbacks import EpochTimer, RNGState, ShuffleEpoch
 
     callbacks = [
         _instantiate(node, f"callbacks.{key}") for key, node in (cfg.get("callbacks") or {}).items()
@@ -89,7 +89,7 @@ def build_callbacks(cfg: DictConfig, loss) -> list:
                 mask_init=float(s.mask_init),
             )
         )
-    callbacks += [EpochTimer(), RNGState()]
+    callbacks += [EpochTimer(), RNGState(), ShuffleEpoch()]
     return callbacks
 
 

@@ -272,11 +272,11 @@ def _epoch_of(ckpt: Path) -> int:
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
-    epochs = 12
+    epochs = 24  # 3 sparsity rounds of 8 epochs
     overrides = [
         *HOLISTIC,
         "loss.sparse.rewind_epoch=1",
-        "data=digits",
+        "data=iris",
         "model.dropout=0.2",
         f"trainer.max_epochs={epochs}",
         "print_metrics=false",
@@ -289,13 +289,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
     args = ["trainer=cpu", *overrides, "run_id=preempted"]  # default logger: W&B offline + CSV
     exe = Path(sys.executable).with_name("hdl-train")
-    run_dir = tmp_path / "outputs" / "digits_mlp" / "runs" / "preempted"
+    run_dir = tmp_path / "outputs" / "iris_mlp" / "runs" / "preempted"
     last = run_dir / "checkpoints" / "last.ckpt"
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env(), stdout=log, stderr=log)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if last.is_file() and _epoch_of(last) >= 4:  # past the first two sparsity rounds
+        if last.is_file() and _epoch_of(last) >= 9:  # inside the second sparsity round
             break
         time.sleep(0.05)
     assert proc.poll() is None, "ended before the kill: " + (tmp_path / "killed.log").read_text()
@@ -305,7 +305,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert proc.returncode == 143, (tmp_path / "killed.log").read_text()[-3000:]
     assert not (run_dir / "metrics.json").exists()
     killed = torch.load(last, map_location="cpu", weights_only=False)
-    assert 4 <= killed["epoch"] < epochs - 1
+    assert 9 <= killed["epoch"] < epochs - 1
     assert killed["callbacks"]["SparsityCallback"]["current_round"] >= 1
 
     resumed = hdl_train(*args, cwd=tmp_path)
