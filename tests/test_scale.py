@@ -189,8 +189,8 @@ def test_sweep_scripts_run_here(script, extra_env, tmp_path):
             str(REPO / "sweeps" / script),
             "data=iris",
             "trainer.accelerator=cpu",
-            "trainer.max_epochs=2",
-            "loss.sparse.rewind_epoch=0",
+            "trainer.max_epochs=3",
+            "++loss.sparse.rewind_epoch=0",  # baseline has no such key
             *QUIET,
             "test=false",
             f"hydra.sweep.dir={sweep}",
