@@ -25,7 +25,7 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
@@ -95,25 +95,27 @@ def spread_across_splits(variants: Sequence[Variant], path: Path) -> Path:
 
 
 def radar(points: Mapping[str, Mapping[str, float]], path: Path) -> Path:
-    """The four axes per variant; each axis min-max scaled over the variants (outer = best)."""
+    """The four axes per variant, outer is better. Classification axes are all in [0, 1] and
+    are drawn as they are (differences are not exaggerated); otherwise each axis is min-max
+    scaled over the variants."""
     from hdl.compare import AXES, normalise_axes
 
     plt = _pyplot()
+    values = [p.get(a, math.nan) for p in points.values() for a in AXES]
+    raw = all(0.0 <= v <= 1.0 for v in values if math.isfinite(v))
+    shown = points if raw else normalise_axes(points)
     angles = np.linspace(0, 2 * np.pi, len(AXES), endpoint=False).tolist()
-    fig, ax = plt.subplots(figsize=(5.5, 5.5), subplot_kw={"polar": True})
-    normalised = normalise_axes(points)
-    scaled = {
-        label: [0.0 if math.isnan(v[a]) else 0.1 + 0.9 * v[a] for a in AXES]
-        for label, v in normalised.items()
-    }
-    for label, values in scaled.items():
-        ax.plot(angles + angles[:1], values + values[:1], marker="o", label=label)
-        ax.fill(angles + angles[:1], values + values[:1], alpha=0.08)
+    fig, ax = plt.subplots(figsize=(6, 5.5), subplot_kw={"polar": True})
+    for label, p in shown.items():
+        r = [0.0 if math.isnan(p.get(a, math.nan)) else p[a] for a in AXES]
+        ax.plot(angles + angles[:1], r + r[:1], marker="o", label=label)
+        ax.fill(angles + angles[:1], r + r[:1], alpha=0.06)
     ax.set_xticks(angles, list(AXES))
-    ax.set_yticklabels([])
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Holistic axes (scaled over variants; outer is better)", fontsize=10)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize=8)
+    ax.tick_params(axis="x", pad=14)
+    ax.set_ylim(0, 1.0)
+    scale = "1 = best" if raw else "scaled over variants, outer = best"
+    ax.set_title(f"Holistic axes ({scale})", fontsize=10, pad=18)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.4, 1.1), fontsize=8)
     return _save(fig, path)
 
 
