@@ -58,22 +58,22 @@ def find_run(path: str | Path) -> tuple[Path, Path]:
 
 
 def run_config(run_dir: Path) -> DictConfig:
-    """The composed config of a run: ``.hydra/config.yaml``, else the one in ``metrics.json``."""
-    hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    if hydra_cfg.is_file():
-        return OmegaConf.load(hydra_cfg)
+    """The run's config: the resolved copy in ``metrics.json`` (written at the end of a run),
+    else ``.hydra/config.yaml`` (a run stopped before it finished), with its ``${hydra:...}``
+    interpolations pointed at ``run_dir``."""
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
         return OmegaConf.create(json.loads(metrics.read_text())["config"])
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.is_file():
+        from hydra.core.utils import setup_globals
+
+        setup_globals()  # the ${now:...} resolver
+        text = hydra_cfg.read_text().replace("${hydra:runtime.output_dir}", str(run_dir))
+        return OmegaConf.create(text)
     raise DataError(
-        f"{run_dir}: neither .hydra/config.yaml nor metrics.json holds the run's config"
+        f"{run_dir}: neither metrics.json nor .hydra/config.yaml holds the run's config"
     )
-
-
-def _without_hydra_interpolations(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """``${hydra:...}`` cannot resolve outside a Hydra app: point run-dir paths at ``run_dir``."""
-    text = OmegaConf.to_yaml(cfg).replace("${hydra:runtime.output_dir}", str(run_dir))
-    return OmegaConf.create(text)
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
@@ -81,7 +81,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     from hdl.train import build
 
     run_dir, ckpt = find_run(path)
-    cfg = _without_hydra_interpolations(run_config(run_dir), run_dir)
+    cfg = run_config(run_dir)
     data, module = build(cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])

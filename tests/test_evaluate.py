@@ -125,3 +125,23 @@ def test_compare_flags_square_beating_pgd():
     assert "gradient masking" in _gradient_masking(stats, "acc", 100)[0]
     stats["test/square_acc@0.3"] = (0.6, 0.0)
     assert _gradient_masking(stats, "acc", 100) == []
+
+
+def test_evaluate_a_run_that_has_only_its_hydra_config(tmp_path):
+    """A run stopped before metrics.json: the config comes from .hydra/config.yaml, whose
+    ${now:...} and ${hydra:...} interpolations cannot resolve outside the Hydra app."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import TINY, compose
+
+    overrides = ["data=iris", "trainer.max_epochs=2", "test=false"]
+    run_in_process(overrides, tmp_path)
+    (tmp_path / "metrics.json").unlink()
+    cfg = compose(TINY + overrides, tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # interpolations kept
+    assert "${now:" in (tmp_path / ".hydra" / "config.yaml").read_text()
+    report = evaluate_run(tmp_path, attacks=["pgd"], steps=2, write=False)
+    assert 0.0 <= report["robustness"]["pgd_linf"]["0.1"]["accuracy"] <= 1.0
