@@ -61,7 +61,9 @@ def validate(cfg: DictConfig) -> None:
     ev = cfg.eval
     unknown = sorted(set(ev.keys()) - EVAL_KEYS)
     if unknown:
-        raise ConfigError(f"eval.{unknown[0]} is not a known key (known: {', '.join(sorted(EVAL_KEYS))})")
+        raise ConfigError(
+            f"eval.{unknown[0]} is not a known key (known: {', '.join(sorted(EVAL_KEYS))})"
+        )
     eps = ev.eps if OmegaConf.is_list(ev.eps) else [ev.eps]
     for value in eps:
         if not isinstance(value, int | float) or value < 0:
@@ -83,6 +85,9 @@ def validate(cfg: DictConfig) -> None:
                 f"trainer.max_epochs={epochs} is fewer than the sparse schedule's {rounds} rounds "
                 "(loss.sparse.search_rounds + 1)"
             )
+    threads = cfg.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
     ckpt = cfg.get("ckpt_path")
     if ckpt and not Path(ckpt).is_file():
         raise ConfigError(f"ckpt_path: checkpoint not found: {ckpt}")

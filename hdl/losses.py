@@ -198,7 +198,9 @@ def _build(cls: type, values: Mapping | None, key: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]} is not a known key (known: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not a known key (known: {', '.join(sorted(known))})"
+        )
     return cls(**values)
 
 
@@ -306,7 +308,9 @@ class HolisticLoss(nn.Module):
             logits = model(x)
             return F.cross_entropy(logits, y, reduction="none"), logits
         if r.enabled and r.method != "first_order":
-            raise ConfigError("loss.robust.method: adversarial training supports classification only")
+            raise ConfigError(
+                "loss.robust.method: adversarial training supports classification only"
+            )
         if r.enabled:
             xg = x.detach().requires_grad_(True)
             with _double_backward_context(model):

@@ -126,6 +126,7 @@ def build(cfg: DictConfig):
         eval_steps=int(cfg.eval.steps),
         input_range=data.input_range,
         num_classes=data.num_outputs if data.task == "classification" else None,
+        eval_square=bool(cfg.eval.get("square_check", False)),
     )
     return data, module
 
@@ -186,6 +187,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from hdl.resume import resume_checkpoint
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     trainer_kwargs, gpu_claim = trainer_settings(cfg)
     loggers: list = []
     interrupted = False

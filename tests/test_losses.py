@@ -49,7 +49,9 @@ def test_robust_equals_cross_entropy_at_zero_eps(batch):
 def test_robust_matches_brute_force_dual_norm(batch, norm):
     net, x, y = batch
     got = robust_cross_entropy(net, x, y, 0.1, norm)
-    torch.testing.assert_close(got, brute_force_robust_ce(net, x, y, 0.1, norm), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got, brute_force_robust_ce(net, x, y, 0.1, norm), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("norm", ["inf", "2", "1"])
@@ -155,7 +157,7 @@ def test_every_term_present_in_every_combination(batch):
                 assert ("stable" in terms) == bool(s)
                 assert ("l0" in terms) == bool(sp)
                 assert "l2" in terms
-                expected = (terms["stable"] if s else terms["robust"] if r else terms["ce"])
+                expected = terms["stable"] if s else terms["robust"] if r else terms["ce"]
                 expected = expected + 1e-4 * terms["l2"]
                 if sp:
                     expected = expected + 1e-3 * terms["l0"]

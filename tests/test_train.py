@@ -140,7 +140,9 @@ def test_cli_error_is_one_line_and_nonzero_exit(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "NaN" in lines[0] and str(path) in lines[0], proc.stderr
-    proc = hdl_train("loss.robust.eps=-1", "loss=robust", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    proc = hdl_train(
+        "loss.robust.eps=-1", "loss=robust", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path
+    )
     assert proc.returncode == 2 and "loss.robust.eps" in proc.stderr
     assert "Traceback" not in proc.stderr
 

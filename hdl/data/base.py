@@ -59,7 +59,9 @@ class IndexBatches:
             idx = torch.arange(n)
         if self.world_size > 1:
             per_rank = math.ceil(n / self.world_size)
-            idx = torch.cat([idx, idx[: per_rank * self.world_size - n]])  # pad like DistributedSampler
+            idx = torch.cat(
+                [idx, idx[: per_rank * self.world_size - n]]
+            )  # pad like DistributedSampler
             idx = idx[self.rank :: self.world_size]
         return idx
 
@@ -188,7 +190,8 @@ class ArrayDataModule(pl.LightningDataModule):
             x = ((x.reshape(len(x), -1) - mean) / std).reshape(x.shape).astype(np.float32)
         self.split_indices = {"train": train, "val": val, "test": test}
         self.tensors = {
-            k: (torch.from_numpy(x[v]), torch.from_numpy(y[v])) for k, v in self.split_indices.items()
+            k: (torch.from_numpy(x[v]), torch.from_numpy(y[v]))
+            for k, v in self.split_indices.items()
         }
         self.input_shape = tuple(x.shape[1:])
         self.num_outputs = int(y.max()) + 1 if self.task == "classification" else 1

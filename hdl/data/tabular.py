@@ -45,7 +45,9 @@ class SklearnDataModule(ArrayDataModule):
 
     def __init__(self, dataset: str = "wine", **kwargs) -> None:
         if dataset not in SKLEARN_SETS:
-            raise ConfigError(f"data.dataset must be one of {', '.join(SKLEARN_SETS)}, got {dataset!r}")
+            raise ConfigError(
+                f"data.dataset must be one of {', '.join(SKLEARN_SETS)}, got {dataset!r}"
+            )
         super().__init__(**kwargs)
         self.dataset = dataset
 
@@ -81,7 +83,9 @@ class CSVDataModule(ArrayDataModule):
             )
         labels = frame.pop(self.label_column)
         if labels.isna().any():
-            raise DataError(f"data.label_column: label {self.label_column!r} has NaN in {self.path}")
+            raise DataError(
+                f"data.label_column: label {self.label_column!r} has NaN in {self.path}"
+            )
         if frame.shape[1] == 0:
             raise DataError(f"data.path: {self.path} has no feature columns")
         return _numeric(frame, "data.path", self.path), labels.to_numpy()
