@@ -104,6 +104,7 @@ def test_multirun_two_jobs_get_their_own_dirs(tmp_path):
         ("data=csv", "data.path"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("threads=0", "threads"),
         ("+model.widht=3", "model"),
     ],
 )
