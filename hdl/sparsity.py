@@ -1,8 +1,9 @@
 """Continuous sparsification: a differentiable L0 surrogate on every weight tensor.
 
 Each weight ``w`` of a Linear, Conv or RNN layer is reparametrized (``torch.nn.utils.parametrize``)
-as ``w * m`` with ``m = sigmoid(beta * s) / sigmoid(0)`` (so ``m == 1`` at ``s == 0``) while
-searching, and ``m = 1[s > 0]`` once the mask is hard. ``beta`` (the temperature) grows
+as ``w * m`` with ``m = sigmoid(beta * s) / sigmoid(s0)`` (so ``m == 1`` at the start, where
+``s == s0`` and ``beta == 1``; ``s0 = 0`` gives DESIGN's ``sigmoid(0)``) while searching, and
+``m = 1[s > 0]`` once the mask is hard. ``beta`` (the temperature) grows
 geometrically from 1 to ``final_temp`` over a search round; between rounds the logits are clipped
 to ``min(final_temp * s, init)`` so that the mask found survives ``beta`` restarting at 1
 (Savarese et al., "Winning the lottery with continuous sparsification"). :class:`SparsityCallback`
@@ -60,16 +61,19 @@ class ContinuousMask(nn.Module):
         else:
             logits = torch.full(tuple(weight), float(init))
         self.logits = nn.Parameter(logits)
+        # 1 / sigmoid(s0), as in Savarese et al.'s code: the soft mask starts at exactly 1 for
+        # any init (2, i.e. 1 / sigmoid(0), for the default s0 = 0 of DESIGN)
+        self.scale = 1.0 / (1.0 / (1.0 + math.exp(-float(init))))
         self.register_buffer("temperature", torch.tensor(1.0, device=logits.device))
         self.register_buffer("hard", torch.tensor(False, device=logits.device))
 
     def mask(self) -> Tensor:
-        """``1[s > 0]`` when hard, else ``sigmoid(temperature * s) / sigmoid(0)``.
+        """``1[s > 0]`` when hard, else ``sigmoid(temperature * s) / sigmoid(s0)``.
 
         ``torch.where`` on the 0-dim ``hard`` buffer instead of ``if self.hard``: no host/device
         sync per forward, and the flag still lives in the state dict.
         """
-        soft = torch.sigmoid(self.temperature * self.logits) * 2.0  # / sigmoid(0) == * 2, exact
+        soft = torch.sigmoid(self.temperature * self.logits) * self.scale
         binary = (self.logits > 0).to(self.logits.dtype)
         return torch.where(self.hard, binary, soft)
 

@@ -123,6 +123,21 @@ def test_mask_formula_and_buffers() -> None:
     assert {"logits", "temperature", "hard"} <= set(names)
 
 
+@pytest.mark.parametrize("init", [-0.3, 0.1, 0.5])
+def test_mask_is_one_at_start_for_any_init(init: float) -> None:
+    """Normalised by sigmoid(s0) (Savarese et al.'s code), not sigmoid(0): m == 1 at the start
+    for a non-zero init too, and the hard mask still thresholds at 0."""
+    w = torch.randn(4, 3)
+    m = ContinuousMask(w, init=init)
+    torch.testing.assert_close(m.mask(), torch.ones_like(w))
+    torch.testing.assert_close(m(w), w)
+    m.temperature.fill_(7.0)
+    expected = torch.sigmoid(torch.tensor(7.0 * init)) / torch.sigmoid(torch.tensor(init))
+    torch.testing.assert_close(m.mask(), expected.expand_as(w))
+    m.hard.fill_(True)
+    assert torch.equal(m.mask(), torch.full_like(w, float(init > 0)))
+
+
 def test_penalty_counts_masks_and_its_gradient_reaches_the_logits() -> None:
     model = SeqNet()
     assert l0_penalty(model).ndim == 0 and float(l0_penalty(model)) == 0.0  # no masks yet
