@@ -180,9 +180,9 @@ class StableConfig:
 class SparseConfig:
     l0: float = 0.0  # weight of the L0 surrogate penalty; 0: no masks at all
     final_temp: float = 200.0
-    search_rounds: int = 2
+    search_rounds: int = 1
     rewind_epoch: int = 1
-    mask_init: float = 0.0
+    mask_init: float = 0.1  # > 0: noise around the threshold 1[s > 0] must not prune
     mask_lr: float | None = None  # learning rate of the mask logits (None: the optimizer's)
 
     @property

@@ -335,10 +335,10 @@ class SparsityCallback(pl.Callback):
 
     def __init__(
         self,
-        search_rounds: int = 2,
+        search_rounds: int = 1,
         rewind_epoch: int = 1,
         final_temp: float = 200.0,
-        mask_init: float = 0.0,
+        mask_init: float = 0.1,
         epochs_per_round: int | None = None,
     ) -> None:
         super().__init__()

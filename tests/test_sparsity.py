@@ -528,9 +528,9 @@ def test_callback_state_round_trip_and_resume(tmp_path) -> None:
         ({"rewind_epoch": -1}, 6, "loss.sparse.rewind_epoch"),
         ({"search_rounds": 0, "mask_init": 0.0}, 6, "loss.sparse.mask_init"),
         ({"epochs_per_round": 0}, 6, "loss.sparse.epochs_per_round"),
-        ({"rewind_epoch": 2}, 6, "loss.sparse.rewind_epoch"),
+        ({"rewind_epoch": 2, "search_rounds": 2}, 6, "loss.sparse.rewind_epoch"),
         ({"search_rounds": 3}, 3, "trainer.max_epochs"),
-        ({"epochs_per_round": 3}, 6, "loss.sparse.epochs_per_round"),
+        ({"epochs_per_round": 3, "search_rounds": 2}, 6, "loss.sparse.epochs_per_round"),
     ],
 )
 def test_impossible_settings_raise_config_errors(kwargs: dict, max_epochs: int, key: str) -> None:
