@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 KEY = "objective/holistic"
 
 
@@ -22,37 +20,23 @@ def validation_adversarial_accuracy(
     module, data, eps: float, attack: str, norm: str, steps: int
 ) -> float:
     """Accuracy of ``module.net`` on the whole validation split under ``attack`` at ``eps``."""
-    from hdl.attacks import perturb
+    from hdl.attacks import evaluate_under_attack
 
     x, y = data.tensors["val"]
-    net = module.net
-    device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    correct = 0
-    try:
-        for start in range(0, len(y), data.eval_batch_size):
-            xb = x[start : start + data.eval_batch_size].to(device)
-            yb = y[start : start + data.eval_batch_size].to(device)
-            with torch.enable_grad():
-                x_adv = perturb(
-                    net,
-                    xb,
-                    yb,
-                    eps=eps,
-                    attack=attack,
-                    norm=norm,
-                    steps=steps,
-                    input_range=data.input_range,
-                    task=data.task,
-                    num_classes=data.num_outputs,
-                    seed=start,
-                )
-            with torch.no_grad():
-                correct += int((net(x_adv).argmax(1) == yb).sum())
-    finally:
-        net.train(was_training)
-    return correct / len(y)
+    results = evaluate_under_attack(
+        module.net,
+        x,
+        y,
+        eps_list=[eps],
+        attack=attack,
+        norm=norm,
+        steps=steps,
+        input_range=data.input_range,
+        task=data.task,
+        num_classes=data.num_outputs,
+        batch_size=data.eval_batch_size,
+    )
+    return results[float(eps)]["accuracy"]
 
 
 def holistic_objective(
