@@ -235,8 +235,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             }
         if trainer.is_global_zero:
             write_run_files(run_dir, metrics, module)
-            if cfg.get("print_metrics", True):
-                print_metrics(metrics, run_dir)
+        _finish_wandb(loggers)  # before the table: W&B prints its own summary when it closes
+        if trainer.is_global_zero and cfg.get("print_metrics", True):
+            print_metrics(metrics, run_dir)
     except SIGTERMException:
         interrupted = True
         raise
