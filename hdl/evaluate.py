@@ -216,7 +216,7 @@ def sparsity_report(net: nn.Module, x: Tensor | None = None) -> dict[str, Any]:
     unit whose incoming weights are all zero), units inactive on every input of ``x`` (activation
     output 0, measured with forward hooks), unused input features (all-zero columns of the first
     dense or recurrent input weight) and the effective (non-zero) parameter count."""
-    from hdl.sparsity import _weight_modules, effective_state, zero_fractions
+    from hdl.sparsity import _weight_modules, effective_weights, zero_fractions
 
     layers: dict[str, dict[str, float]] = {}
     unused_inputs: int | None = None
@@ -234,9 +234,7 @@ def sparsity_report(net: nn.Module, x: Tensor | None = None) -> dict[str, Any]:
         if first and (isinstance(module, nn.Linear) or name.startswith("weight_ih_l0")):
             unused_inputs = int((w == 0).all(dim=0).sum())
         first = False
-    state = effective_state(net)
-    buffers = {n for n, _ in net.named_buffers()}
-    params = [t for n, t in state.items() if n not in buffers]
+    params = list(effective_weights(net).values())
     report: dict[str, Any] = {
         "zero_fraction": zero_fractions(net)["total"],
         "layers": layers,

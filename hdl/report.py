@@ -67,6 +67,8 @@ def collect_metrics(
     except ImportError:  # pragma: no cover - sparsity module always ships
         pass
     metrics["params/total"] = float(sum(p.numel() for p in module.net.parameters()))
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # once, not once per key
+    config = {k: v for k, v in resolved.items() if k != "hydra"}
     return {
         "name": cfg.name,
         "loss": cfg.loss.get("name"),
@@ -81,7 +83,7 @@ def collect_metrics(
         "global_step": int(trainer.global_step),
         "metrics": metrics,
         "sparsity": sparsity,
-        "config": {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in cfg if k != "hydra"},
+        "config": config,
         "versions": versions(),
     }
 
@@ -95,20 +97,11 @@ def write_run_files(run_dir: Path, metrics: dict[str, Any], module) -> None:
         np.savez_compressed(
             run_dir / "predictions.npz", logits=logits.astype(np.float16), targets=targets
         )
-    np.savez_compressed(run_dir / "weights.npz", **effective_weights(module.net))
+    from hdl.sparsity import effective_weights
 
-
-def effective_weights(net: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The network's parameters as used in the forward pass (masks applied, mask logits and
-    buffers left out), under their plain names: what stability across splits compares."""
-    from hdl.sparsity import effective_state
-
-    buffers = {name for name, _ in net.named_buffers()}
-    return {
-        name: t.detach().cpu().float().numpy()
-        for name, t in effective_state(net).items()
-        if name not in buffers
-    }
+    # the effective (masked) weights: stability across splits compares them
+    weights = {k: t.cpu().float().numpy() for k, t in effective_weights(module.net).items()}
+    np.savez_compressed(run_dir / "weights.npz", **weights)
 
 
 def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:

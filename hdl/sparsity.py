@@ -30,6 +30,7 @@ __all__ = [
     "add_masks",
     "clip_logits",
     "effective_state",
+    "effective_weights",
     "l0_penalty",
     "mask_parameters",
     "masks",
@@ -63,7 +64,7 @@ class ContinuousMask(nn.Module):
         self.logits = nn.Parameter(logits)
         # 1 / sigmoid(s0), as in Savarese et al.'s code: the soft mask starts at exactly 1 for
         # any init (2, i.e. 1 / sigmoid(0), for the default s0 = 0 of DESIGN)
-        self.scale = 1.0 / (1.0 / (1.0 + math.exp(-float(init))))
+        self.scale = 1.0 + math.exp(-float(init))
         self.register_buffer("temperature", torch.tensor(1.0, device=logits.device))
         self.register_buffer("hard", torch.tensor(False, device=logits.device))
 
@@ -299,6 +300,13 @@ def effective_state(model: nn.Module) -> dict[str, Tensor]:
 
     walk(model, "")
     return out
+
+
+def effective_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters as the forward pass uses them (masks applied), under their plain names,
+    without buffers or mask logits: what is counted and compared as "the weights"."""
+    buffers = {name for name, _ in model.named_buffers()}
+    return {name: t for name, t in effective_state(model).items() if name not in buffers}
 
 
 @torch.no_grad()
