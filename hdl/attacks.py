@@ -31,29 +31,72 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-import torchattacks
 from torch import Tensor, nn
 
 from hdl.errors import ConfigError
+from hdl.norms import ATTACK_NORMS, parse_norm
 
-ATTACKS = ("pgd", "fgsm", "fgsm_rs", "apgd", "autoattack", "square")
-REGRESSION_ATTACKS = ("pgd", "fgsm", "fgsm_rs")  # ours; torchattacks is cross-entropy only
-LINF_ONLY = ("fgsm", "fgsm_rs")
 TASKS = ("classification", "regression")
-SQUARE_MIN_QUERIES = 1000
-_NORMS = {
-    "inf": "inf",
-    "linf": "inf",
-    "l_inf": "inf",
-    "infinity": "inf",
-    "2": "2",
-    "l2": "2",
-    "l_2": "2",
+SQUARE_QUERIES = 1000  # the test loop's cheap gradient-free check; hdl-eval uses EVAL_SQUARE_QUERIES
+EVAL_SQUARE_QUERIES = 5000
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack: the norms and tasks it supports, whether torchattacks reseeds the global RNG
+    inside it (we fork the RNG around those), whether adversarial training may use it
+    (``loss.robust.method``), and its torchattacks factory (unit-box units, see :func:`_build`)."""
+
+    norms: tuple[str, ...]
+    tasks: tuple[str, ...]
+    reseeds: bool
+    trains: bool
+    factory: Callable[..., Any]
+
+
+def _pgd(g, eps, norm, steps, step_size, random_start, **_):
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    cls = torchattacks().PGD if norm == "inf" else torchattacks().PGDL2
+    return cls(g, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+
+
+def _fgsm(g, eps, **_):
+    return torchattacks().FGSM(g, eps=eps)
+
+
+def _fgsm_rs(g, eps, step_size, **_):
+    return torchattacks().FFGSM(g, eps=eps, alpha=step_size if step_size else 1.25 * eps)
+
+
+def _apgd(g, eps, norm, steps, seed, **_):
+    return torchattacks().APGD(g, norm=_ta_norm(norm), eps=eps, steps=steps, n_restarts=1, seed=seed)
+
+
+def _square(g, eps, norm, seed, queries, **_):
+    return torchattacks().Square(g, norm=_ta_norm(norm), eps=eps, n_queries=queries, seed=seed)
+
+
+def _autoattack(**_):  # run component by component in _torchattacks_perturb
+    raise AssertionError("autoattack is composed of _AUTOATTACK's components")
+
+
+_BOTH, _CLS = ("classification", "regression"), ("classification",)
+# the attack registry: adding an attack is one entry here (and, for a new torchattacks class,
+# its factory above); config validation, adversarial training, hdl-eval and hdl-compare read it
+ATTACKS: dict[str, AttackSpec] = {
+    "pgd": AttackSpec(ATTACK_NORMS, _BOTH, reseeds=False, trains=True, factory=_pgd),
+    "fgsm": AttackSpec(("inf",), _BOTH, reseeds=False, trains=True, factory=_fgsm),
+    "fgsm_rs": AttackSpec(("inf",), _BOTH, reseeds=False, trains=True, factory=_fgsm_rs),
+    "apgd": AttackSpec(ATTACK_NORMS, _CLS, reseeds=True, trains=True, factory=_apgd),
+    "autoattack": AttackSpec(ATTACK_NORMS, _CLS, reseeds=True, trains=False, factory=_autoattack),
+    "square": AttackSpec(ATTACK_NORMS, _CLS, reseeds=True, trains=False, factory=_square),
 }
-# torchattacks reseeds the global RNG inside these; we fork it so training randomness is intact
-_RESEEDING = ("apgd", "autoattack", "square")
+ADVERSARIAL_METHODS = tuple(name for name, spec in ATTACKS.items() if spec.trains)
 # APGD-T's and APGD-DLR's loss reads the 3rd/4th largest logit: AutoAttack needs >= 4 classes
 _AUTOATTACK_MIN_CLASSES = 4
 
@@ -61,16 +104,21 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 # --- argument checking ------------------------------------------------------------------
-def parse_norm(norm: str | float | int) -> str:
-    """Canonical norm name, "inf" or "2", from "inf"/"linf"/float("inf")/"2"/"l2"/2."""
-    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
-        if math.isinf(norm) and norm > 0:
-            return "inf"
-        if norm == 2:
-            return "2"
-    elif isinstance(norm, str) and norm.strip().lower() in _NORMS:
-        return _NORMS[norm.strip().lower()]
-    raise ConfigError(f"attack norm must be 'inf' or '2', got {norm!r}")
+def torchattacks():
+    """The torchattacks package, imported on first use (it is slow to import, and config
+    validation reads the registry above before anything heavy is loaded)."""
+    import torchattacks as ta
+
+    return ta
+
+
+def _ta_norm(norm: str) -> str:
+    return "Linf" if norm == "inf" else "L2"
+
+
+def parse_attack_norm(norm: str | float | int, key: str = "attack norm") -> str:
+    """Canonical attack norm, "inf" or "2" (the shared vocabulary of :mod:`hdl.norms`)."""
+    return parse_norm(norm, key, ATTACK_NORMS)
 
 
 def _check(
@@ -80,7 +128,7 @@ def _check(
         raise ConfigError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
     if task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
-    p = parse_norm(norm)
+    p = parse_attack_norm(norm)
     try:
         eps = float(eps)
     except (TypeError, ValueError):
@@ -89,12 +137,15 @@ def _check(
         raise ConfigError(f"attack eps must be finite and >= 0, got {eps!r}")
     if int(steps) < 1:
         raise ConfigError(f"attack steps must be >= 1, got {steps!r}")
-    if task == "regression" and attack not in REGRESSION_ATTACKS:
+    spec = ATTACKS[attack]
+    if task not in spec.tasks:
+        regression = [n for n, s in ATTACKS.items() if task in s.tasks]
         raise ConfigError(
-            f"attack {attack!r} is classification-only; regression supports {list(REGRESSION_ATTACKS)}"
+            f"attack {attack!r} is classification-only; {task} supports {regression}"
         )
-    if p == "2" and attack in LINF_ONLY:
-        raise ConfigError(f"attack {attack!r} is l_inf only; use 'pgd' or 'apgd' for norm 2")
+    if p not in spec.norms:
+        other = [n for n, s in ATTACKS.items() if p in s.norms]
+        raise ConfigError(f"attack {attack!r} supports norms {list(spec.norms)}; for {p} use {other}")
     return attack, p, eps
 
 
@@ -227,7 +278,7 @@ def projected_gradient_attack(
     Sign steps for l_inf, l2-normalised steps for l_2, torchattacks' random starts and
     default step size 2.5 * eps / steps. Used for regression; with ``cross_entropy_loss``
     it is the same algorithm as torchattacks.PGD / PGDL2 (which the tests check)."""
-    p = parse_norm(norm)
+    p = parse_attack_norm(norm)
     rng = _check_range(input_range)
     alpha = float(step_size) if step_size is not None else 2.5 * eps / steps
     view = (-1,) + (1,) * (x.dim() - 1)
@@ -331,33 +382,32 @@ def _build(
     random_start: bool,
     n_classes: int,
     seed: int | None,
-) -> torchattacks.attack.Attack:
+    queries: int,
+) -> Any:
     """A fresh torchattacks attack (it fixes its device at construction), in unit-box units."""
-    p = "Linf" if norm == "inf" else "L2"
-    if name == "pgd":
-        alpha = step_size if step_size is not None else 2.5 * eps / steps
-        cls = torchattacks.PGD if norm == "inf" else torchattacks.PGDL2
-        return cls(g, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
-    if name == "fgsm":
-        return torchattacks.FGSM(g, eps=eps)
-    if name == "fgsm_rs":
-        return torchattacks.FFGSM(g, eps=eps, alpha=step_size if step_size else 1.25 * eps)
-    if name == "apgd":
-        return torchattacks.APGD(g, norm=p, eps=eps, steps=steps, n_restarts=1, seed=seed)
-    if name == "square":
-        n_queries = max(SQUARE_MIN_QUERIES, steps)
-        return torchattacks.Square(g, norm=p, eps=eps, n_queries=n_queries, seed=seed)
+    ta, p = torchattacks(), _ta_norm(norm)
     if name == "apgd-ce":
-        return torchattacks.APGD(g, norm=p, eps=eps, seed=seed, loss="ce", n_restarts=1)
+        return ta.APGD(g, norm=p, eps=eps, seed=seed, loss="ce", n_restarts=1)
     if name == "apgd-t":
-        return torchattacks.APGDT(g, norm=p, eps=eps, seed=seed, n_classes=n_classes, n_restarts=1)
+        return ta.APGDT(g, norm=p, eps=eps, seed=seed, n_classes=n_classes, n_restarts=1)
     if name == "fab-t":
-        return torchattacks.FAB(
+        return ta.FAB(
             g, norm=p, eps=eps, seed=seed, multi_targeted=True, n_classes=n_classes, n_restarts=1
         )
     if name == "square-aa":
-        return torchattacks.Square(g, norm=p, eps=eps, seed=seed, n_queries=5000, n_restarts=1)
-    raise AssertionError(name)
+        return ta.Square(
+            g, norm=p, eps=eps, seed=seed, n_queries=EVAL_SQUARE_QUERIES, n_restarts=1
+        )
+    return ATTACKS[name].factory(
+        g=g,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        seed=seed,
+        queries=queries,
+    )
 
 
 def _torchattacks_perturb(
@@ -374,6 +424,7 @@ def _torchattacks_perturb(
     input_range: tuple[float, float] | None,
     num_classes: int | None,
     seed: int | None,
+    queries: int,
 ) -> Tensor:
     lo, scale = _unit_box(x, eps, norm, input_range)
     n = x[0].numel()
@@ -393,7 +444,9 @@ def _torchattacks_perturb(
         if pad:
             u = torch.cat([u, u.new_zeros(b, pad)], dim=1)
         u_step = None if step_size is None else step_size / scale
-        atk = _build(name, g, eps / scale, norm, steps, u_step, random_start, min_classes, seed)
+        atk = _build(
+            name, g, eps / scale, norm, steps, u_step, random_start, min_classes, seed, queries
+        )
         atk.set_device(xs.device)
         u_adv = atk(u.reshape(b, *shape), ys.long()).reshape(b, -1)[:, :n]
         return lo + scale * u_adv.reshape(xs.shape).to(xs.dtype)
@@ -415,6 +468,17 @@ def _torchattacks_perturb(
 
 
 # --- public entry points ----------------------------------------------------------------
+def _domain(
+    x: Tensor, input_range: tuple[float, float] | None
+) -> tuple[float, float] | None:
+    """The attack's box: the declared input range, widened to hold every clean input of the
+    batch (a test point outside the training rows' range must stay a point of its own ball;
+    clamping it into the range could move it further than eps)."""
+    if input_range is None:
+        return None
+    return min(input_range[0], float(x.min())), max(input_range[1], float(x.max()))
+
+
 def perturb(
     model: nn.Module,
     x: Tensor,
@@ -430,25 +494,33 @@ def perturb(
     task: str = "classification",
     num_classes: int | None = None,
     seed: int | None = None,
+    queries: int = SQUARE_QUERIES,
 ) -> Tensor:
     """Adversarial inputs: detached, same shape/device/dtype as x, ||x_adv - x||_p <= eps per
-    example and inside ``input_range`` when given (None: unbounded, nothing is clamped).
+    example and inside ``input_range`` when given (None: unbounded, nothing is clamped; a range
+    that does not hold a clean input is widened to hold it).
 
     Classification: torchattacks PGD/PGDL2, FGSM, FFGSM (``fgsm_rs``), APGD-CE, AutoAttack
-    (standard) or Square (``max(1000, steps)`` queries). Regression: our PGD on the squared
+    (standard) or Square (``queries`` queries). Regression: our PGD on the squared
     error (``fgsm``: one eps sign step; ``fgsm_rs``: random start + one 1.25*eps step).
     ``seed`` makes the random start reproducible without touching the global RNG.
+
+    These are the attack's last iterates: an iterate can be classified correctly where the clean
+    input is not. Robust metrics must combine them with the clean ones (:func:`worst_case`).
     """
     attack, p, eps = _check(attack, norm, eps, steps, task)
+    if int(queries) < 1:
+        raise ConfigError(f"attack queries must be >= 1, got {queries!r}")
     rng = _check_range(input_range)
     if eps == 0:
         return x.detach().clone()
+    rng = _domain(x, rng)
     steps = int(steps)
     device = _model_device(model, x.device)
     with attack_mode(model):
         xd = x.detach().to(device).clone()
         yd = y.detach().to(device).clone()
-        with _rng(seed, device, fork=attack in _RESEEDING) as s:
+        with _rng(seed, device, fork=ATTACKS[attack].reseeds) as s:
             if task == "regression":
                 n, alpha, rs = steps, step_size, random_start
                 if attack == "fgsm":
@@ -481,6 +553,7 @@ def perturb(
                     input_range=rng,
                     num_classes=num_classes,
                     seed=s,
+                    queries=int(queries),
                 )
         # exact guarantee despite the round-off of the affine map
         x_adv = project(x_adv.detach(), xd, eps, p, rng)
@@ -502,8 +575,9 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     return torch.cat(outs)
 
 
-def _per_example(out: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor | None]:
-    """Per-example loss (CE, or mean squared error over outputs) and correctness."""
+def per_example_outcome(out: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor | None]:
+    """Per-example loss (CE, or mean squared error over outputs) and correctness (None for
+    regression)."""
     y = y.to(out.device)
     if task == "classification":
         logits = class_logits(out)
@@ -512,7 +586,21 @@ def _per_example(out: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor | No
     return squared_error_loss(out, y) / out.reshape(b, -1).shape[1], None
 
 
-def _summary(loss: Tensor, correct: Tensor | None, task: str) -> dict[str, float]:
+def worst_case(
+    clean: tuple[Tensor, Tensor | None], attacked: tuple[Tensor, Tensor | None]
+) -> tuple[Tensor, Tensor | None]:
+    """Per-example outcome under attack, counted the AutoAttack / RobustBench way.
+
+    The clean input is a point of its own eps-ball, so the worst case found is the worse of the
+    clean and the attacked input: an example counts as robust only when it is correct on both,
+    and its loss (squared error) is the larger of the two. Robust accuracy therefore never
+    exceeds natural accuracy, even when an attack's last iterate happens to fix a mistake."""
+    loss = torch.maximum(clean[0], attacked[0])
+    correct = None if clean[1] is None else clean[1] & attacked[1]
+    return loss, correct
+
+
+def summarise(loss: Tensor, correct: Tensor | None, task: str) -> dict[str, float]:
     if task == "classification":
         return {"accuracy": correct.float().mean().item(), "loss": loss.mean().item()}
     mse = loss.mean().item()
@@ -525,8 +613,8 @@ def natural_metrics(
     """{"accuracy", "loss"} (classification) or {"rmse", "mse"} (regression) on clean inputs."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
-    loss, correct = _per_example(predict(model, x, batch_size), y, task)
-    return _summary(loss, correct, task)
+    loss, correct = per_example_outcome(predict(model, x, batch_size), y, task)
+    return summarise(loss, correct, task)
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
@@ -549,26 +637,34 @@ def evaluate_under_attack(
     batch_size: int = 512,
     seed: int = 0,
     cumulative: bool = True,
+    queries: int = SQUARE_QUERIES,
 ) -> dict[float, dict[str, float]]:
-    """Metrics under attack at every eps (ascending; eps = 0 gives natural metrics).
+    """Robust metrics at every eps (ascending; eps = 0 gives natural metrics).
 
-    With ``cumulative`` (default) an example counts as robust at eps only if it also withstood
-    every smaller eps in the list, and its loss is the worst one found so far: an adversarial
-    example within a smaller ball lies in every larger ball, so this is still a valid (and
-    tighter) estimate, and accuracy is non-increasing in eps by construction.
+    An example counts as robust at eps only when it is correct on its clean input **and** on
+    the attacked one (:func:`worst_case`), so accuracy at eps > 0 is at most natural accuracy.
+    With ``cumulative`` (default) it must also have withstood every smaller eps in the list, and
+    its loss is the worst one found so far: an adversarial example within a smaller ball lies in
+    every larger ball, so this is still a valid (and tighter) estimate, and accuracy is
+    non-increasing in eps by construction. ``cumulative=False`` keeps each radius's own attack
+    (what ``hdl-eval``'s monotonicity check needs to catch a weak attack).
     """
     _check(attack, norm, max(eps_list, default=0.0), steps, task)
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
     device = _model_device(model, x.device)
+    y = y.to(device)
+    clean = per_example_outcome(predict(model, x, batch_size), y, task)
     results: dict[float, dict[str, float]] = {}
-    worst: Tensor | None = None
-    robust: Tensor | None = None
+    worst = clean
     for eps in sorted({float(e) for e in eps_list}):
-        losses, corrects = [], []
+        if eps == 0:
+            results[eps] = summarise(*clean, task)
+            continue
+        outs = []
         for i, start in enumerate(range(0, len(x), batch_size)):
             xb = x[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size]
             xa = perturb(
                 model,
                 xb,
@@ -581,16 +677,12 @@ def evaluate_under_attack(
                 task=task,
                 num_classes=num_classes,
                 seed=seed + i,
+                queries=queries,
             )
-            loss, correct = _per_example(predict(model, xa, batch_size), yb, task)
-            losses.append(loss)
-            corrects.append(correct)
-        loss = torch.cat(losses)
-        correct = torch.cat(corrects) if task == "classification" else None
-        if cumulative and worst is not None:
-            loss = torch.maximum(loss, worst)
-            if correct is not None:
-                correct = correct & robust
-        worst, robust = loss, correct
-        results[eps] = _summary(loss, correct, task)
+            outs.append(predict(model, xa, batch_size))
+        attacked = per_example_outcome(torch.cat(outs), y, task)
+        found = worst_case(worst if cumulative else clean, attacked)
+        if cumulative:
+            worst = found
+        results[eps] = summarise(*found, task)
     return results

@@ -13,11 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from hdl.errors import ConfigError
-from hdl.losses import parse_norm
+from hdl.eval_config import EvalConfig
+from hdl.losses import SparseConfig
 
 REQUIRED_GROUPS = ("data", "model", "loss", "optimizer", "trainer", "eval")
-EVAL_KEYS = {"eps", "attack", "norm", "steps", "square_check"}
-ATTACKS = ("pgd", "fgsm", "fgsm_rs", "apgd", "autoattack", "square")
 
 
 def _missing_value(cfg: DictConfig) -> str | None:
@@ -58,28 +57,14 @@ def validate(cfg: DictConfig) -> None:
     except MissingMandatoryValue as err:
         raise ConfigError(f"{err.full_key} must be set") from None
 
-    ev = cfg.eval
-    unknown = sorted(set(ev.keys()) - EVAL_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"eval.{unknown[0]} is not a known key (known: {', '.join(sorted(EVAL_KEYS))})"
-        )
-    eps = ev.eps if OmegaConf.is_list(ev.eps) else [ev.eps]
-    for value in eps:
-        if not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"eval.eps must be a list of numbers >= 0, got {list(eps)!r}")
-    if ev.attack not in ATTACKS:
-        raise ConfigError(f"eval.attack must be one of {', '.join(ATTACKS)}, got {ev.attack!r}")
-    parse_norm(ev.norm, key="eval.norm")
-    if not isinstance(ev.steps, int) or ev.steps < 1:
-        raise ConfigError(f"eval.steps must be a positive integer, got {ev.steps!r}")
+    EvalConfig.from_mapping(OmegaConf.to_container(cfg.eval, resolve=True))
 
     epochs = cfg.trainer.get("max_epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs must be a positive integer, got {epochs!r}")
     sparse = (cfg.loss.get("sparse") or {}) if isinstance(cfg.loss, DictConfig) else {}
     if sparse and float(sparse.get("l0", 0) or 0) > 0:
-        rounds = int(sparse.get("search_rounds", 2)) + 1
+        rounds = int(sparse.get("search_rounds", SparseConfig.search_rounds)) + 1
         if epochs < rounds:
             raise ConfigError(
                 f"trainer.max_epochs={epochs} is fewer than the sparse schedule's {rounds} rounds "

@@ -28,7 +28,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from hdl.attacks import EVAL_SQUARE_QUERIES
 from hdl.errors import ConfigError, DataError, HDLError
+from hdl.keys import format_eps
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 
@@ -90,18 +92,27 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
 
 
 # --- robustness ----------------------------------------------------------------------------
+def attack_label(name: str, norm: str) -> str:
+    """``hdl-eval``'s name of an attack at a norm (``pgd_linf``, ``pgd_l2``, ``fgsm_rs_linf``):
+    the attack part of its ``eval/...`` metric keys; :func:`parse_attack` reads it back."""
+    return f"{name}_l{norm}"
+
+
 def parse_attack(spec: str) -> tuple[str, str]:
-    """``pgd`` / ``pgd_l2`` / ``apgd_linf`` ... -> (attack, norm)."""
+    """``pgd`` / ``pgd_l2`` / ``apgd_linf`` / ``fgsm_rs`` ... -> (attack, norm)."""
     from hdl.attacks import ATTACKS
 
-    name, _, norm = spec.partition("_l")
-    if spec in ATTACKS:  # fgsm_rs has an underscore of its own
-        name, norm = spec, "inf"
-    norm = {"": "inf", "inf": "inf", "2": "2"}.get(norm)
-    if name not in ATTACKS or norm is None:
+    name, norm = spec, "inf"
+    if spec not in ATTACKS:
+        head, _, suffix = spec.rpartition("_")
+        name, norm = head, {"linf": "inf", "l2": "2"}.get(suffix)
+    if name not in ATTACKS or norm is None or norm not in ATTACKS[name].norms:
+        known = ", ".join(
+            f"{a} ({'/'.join('l' + n for n in s.norms)})" for a, s in ATTACKS.items()
+        )
         raise ConfigError(
-            f"--attacks: unknown attack {spec!r} (known: {', '.join(ATTACKS)}, each optionally "
-            "with _linf or _l2)"
+            f"--attacks: unknown attack {spec!r} (known: {known}; add _linf or _l2 to choose "
+            "the norm)"
         )
     return name, norm
 
@@ -125,9 +136,11 @@ def robustness(
     task: str = "classification",
     num_classes: int | None = None,
     seed: int = 0,
+    square_queries: int = EVAL_SQUARE_QUERIES,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{attack_norm: {eps: metrics}}`` per attack; raw per-radius numbers (not cumulative),
-    so that the monotonicity check below can catch a weak attack."""
+    """``{attack_norm: {eps: metrics}}`` per attack; each radius attacked on its own (not
+    cumulative, so that the monotonicity check below can catch a weak attack), an example
+    counted as robust only when it is correct on the clean input too."""
     from hdl.attacks import evaluate_under_attack
 
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -147,8 +160,9 @@ def robustness(
             num_classes=num_classes,
             seed=seed,
             cumulative=False,
+            queries=square_queries,
         )
-        results[f"{name}_l{norm}"] = {f"{e:g}": m for e, m in found.items()}
+        results[attack_label(name, norm)] = {format_eps(e): m for e, m in found.items()}
     return results
 
 
@@ -176,14 +190,15 @@ def sanity_checks(
                     f"eps={small} ({by_eps[small][key]:.3f}): the attack is not finding the worst case"
                 )
     for norm in ("inf", "2"):
-        pgd, weaker = results.get(f"pgd_l{norm}"), results.get(f"fgsm_l{norm}")
+        pgd = results.get(attack_label("pgd", norm))
+        weaker = results.get(attack_label("fgsm", norm))
         for eps in sorted(set(pgd or {}) & set(weaker or {}), key=float):
             if float(eps) > 0 and stronger(weaker[eps][key], pgd[eps][key]):
                 warnings.append(
                     f"PGD ({pgd[eps][key]:.3f}) is weaker than FGSM ({weaker[eps][key]:.3f}) at "
                     f"eps={eps}: gradients may be masked or the step size is off"
                 )
-        square = results.get(f"square_l{norm}")
+        square = results.get(attack_label("square", norm))
         for eps in sorted(set(pgd or {}) & set(square or {}), key=float):
             if float(eps) > 0 and stronger(square[eps][key], pgd[eps][key]):
                 warnings.append(
@@ -214,13 +229,11 @@ def chance_radius(input_range: tuple[float, float] | None) -> float:
 def sparsity_report(net: nn.Module, x: Tensor | None = None) -> dict[str, Any]:
     """Zeros of the effective weights per layer and in total, structurally dead units (an output
     unit whose incoming weights are all zero), units inactive on every input of ``x`` (activation
-    output 0, measured with forward hooks), unused input features (all-zero columns of the first
-    dense or recurrent input weight) and the effective (non-zero) parameter count."""
-    from hdl.sparsity import _weight_modules, effective_weights, zero_fractions
+    output 0, measured with forward hooks), unused input features (:func:`unused_inputs`) and the
+    real and non-zero parameter counts."""
+    from hdl.sparsity import _weight_modules, parameter_counts, zero_fractions
 
     layers: dict[str, dict[str, float]] = {}
-    unused_inputs: int | None = None
-    first = True
     for mod_name, module, name in _weight_modules(net):
         w = getattr(module, name)
         rows = w.reshape(w.shape[0], -1)
@@ -231,21 +244,42 @@ def sparsity_report(net: nn.Module, x: Tensor | None = None) -> dict[str, Any]:
             "dead_units": float((rows == 0).all(dim=1).sum()),
             "units": float(rows.shape[0]),
         }
-        if first and (isinstance(module, nn.Linear) or name.startswith("weight_ih_l0")):
-            unused_inputs = int((w == 0).all(dim=0).sum())
-        first = False
-    params = list(effective_weights(net).values())
+    total, nonzero = parameter_counts(net)
     report: dict[str, Any] = {
         "zero_fraction": zero_fractions(net)["total"],
         "layers": layers,
         "dead_units": float(sum(v["dead_units"] for v in layers.values())),
-        "unused_input_features": unused_inputs,
-        "parameters": float(sum(t.numel() for t in params)),
-        "effective_parameters": float(sum(int((t != 0).sum()) for t in params)),
+        "unused_input_features": unused_inputs(net),
+        "parameters": float(total),
+        "effective_parameters": float(nonzero),
     }
     if x is not None:
         report["inactive_units"] = _inactive_units(net, x)
     return report
+
+
+@torch.no_grad()
+def unused_inputs(net: nn.Module) -> int | None:
+    """Input features (channels, for a CNN) that no weight of the first layer reads: all-zero
+    slices along the input dimension of every input weight of the first weight layer (both
+    directions of a bidirectional RNN, ``weight_ih_l0`` and ``weight_ih_l0_reverse``). None when
+    the first weight layer is not Linear, Conv or RNN."""
+    from hdl.sparsity import _weight_modules
+
+    first = next(iter(_weight_modules(net)), None)
+    if first is None:
+        return None
+    _, module, _ = first
+    if isinstance(module, nn.RNNBase):
+        names = [n for n in module._flat_weights_names if n.startswith("weight_ih_l0")]
+    else:
+        names = ["weight"]
+    used = None
+    for name in names:
+        w = getattr(module, name)  # (out, in, ...): dimension 1 is the input
+        reads = (w != 0).transpose(0, 1).reshape(w.shape[1], -1).any(dim=1)
+        used = reads if used is None else used | reads
+    return int((~used).sum())
 
 
 @torch.no_grad()
@@ -283,6 +317,7 @@ def evaluate_run(
     max_examples: int | None = None,
     device: str = "cpu",
     write: bool = True,
+    square_queries: int = EVAL_SQUARE_QUERIES,
 ) -> dict[str, Any]:
     """Evaluate one run on its test split; write ``eval.json`` into its run dir when ``write``."""
     run = load_run(path, device)
@@ -309,6 +344,7 @@ def evaluate_run(
         input_range=rng,
         task=task,
         num_classes=data.num_outputs if task == "classification" else None,
+        square_queries=square_queries,
     )
     chance = None
     if task == "classification":
@@ -319,6 +355,7 @@ def evaluate_run(
         "task": task,
         "test_examples": len(y),
         "steps": steps,
+        "square_queries": square_queries,
         "chance": chance,
         "chance_eps": large if task == "classification" else None,
         "robustness": results,
@@ -336,7 +373,13 @@ def print_report(report: dict[str, Any]) -> None:
 
     console = Console()
     key = "accuracy" if report["task"] == "classification" else "rmse"
-    table = Table(title=f"{report['run_dir']} · {key} under attack ({report['steps']} steps)")
+    queries = report.get("square_queries")
+    table = Table(
+        title=f"{report['run_dir']} · robust {key} (correct on the clean input and under attack; "
+        f"{report['steps']} steps"
+        + (f", Square {queries} queries" if queries else "")
+        + ")"
+    )
     table.add_column("attack")
     radii = sorted({e for r in report["robustness"].values() for e in r}, key=float)
     for e in radii:
@@ -384,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--l2-eps", help="l_2 radii (default: eps * sqrt(d) / 4)")
     parser.add_argument("--steps", type=int, help="attack steps (default: the run's eval.steps)")
     parser.add_argument("--max-examples", type=int, help="evaluate the first N test examples")
+    parser.add_argument(
+        "--square-queries",
+        type=int,
+        default=EVAL_SQUARE_QUERIES,
+        help="queries of the gradient-free Square attack, run at every eps (default: %(default)s)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
@@ -399,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 steps=args.steps,
                 max_examples=args.max_examples,
                 device=args.device,
+                square_queries=args.square_queries,
             )
             print_report(report)
             print(f"wrote {Path(report['run_dir']) / 'eval.json'}")

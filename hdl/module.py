@@ -7,7 +7,7 @@ and keeps the test logits so that stability across split seeds can be measured l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from hdl.eval_config import EvalConfig
+from hdl.keys import metric_key, natural_key
 from hdl.losses import HolisticLoss
 
 
@@ -44,13 +46,9 @@ class HolisticModule(pl.LightningModule):
         loss: HolisticLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        eval_eps: Sequence[float] = (),
-        eval_attack: str = "pgd",
-        eval_norm: str = "inf",
-        eval_steps: int = 40,
+        eval_cfg: EvalConfig | None = None,
         input_range: tuple[float, float] | None = None,
         num_classes: int | None = None,
-        eval_square: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
@@ -58,15 +56,15 @@ class HolisticModule(pl.LightningModule):
         self.task = loss.task
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.eval_eps = [float(e) for e in eval_eps]
-        self.eval_attack = eval_attack
-        self.eval_norm = eval_norm
-        self.eval_steps = int(eval_steps)
+        self.eval_cfg = eval_cfg if eval_cfg is not None else EvalConfig(square_check=False)
+        self.eval_eps = list(self.eval_cfg.eps)
         self.input_range = tuple(input_range) if input_range is not None else None
         self.num_classes = num_classes
         # gradient-free Square at the largest radius: input-gradient penalties such as the
         # robust term can mask gradients, and then Square beats PGD (hdl-compare flags it)
-        self.eval_square = bool(eval_square) and self.task == "classification" and bool(eval_eps)
+        self.eval_square = (
+            self.eval_cfg.square_check and self.task == "classification" and bool(self.eval_eps)
+        )
         if loss.sparse.enabled:
             from hdl.sparsity import add_masks
 
@@ -122,21 +120,25 @@ class HolisticModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_logits, self.test_targets = [], []
 
+    def _outcome_metric(self, outcome: tuple[Tensor, Tensor | None]) -> Tensor:
+        """Per-example correctness (classification) or squared error (regression)."""
+        loss, correct = outcome
+        return correct.float() if correct is not None else loss
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        from hdl.attacks import perturb
+        from hdl.attacks import per_example_outcome, perturb, worst_case
 
         x, y = batch
         with torch.no_grad():
-            _, metric, out = self._natural(x, y)
-        self.test_natural.update(metric, weight=len(y))
+            out = self.net(x)
+        clean = per_example_outcome(out, y, self.task)
+        self.test_natural.update(self._outcome_metric(clean))
         self.test_logits.append(out.detach().cpu())
         self.test_targets.append(y.detach().cpu())
-        attacks = [
-            (self.eval_attack, eps, meter)
-            for eps, meter in zip(self.eval_eps, self.test_adv, strict=True)
-        ]
+        ev = self.eval_cfg
+        attacks = [(ev.attack, eps, meter) for eps, meter in zip(ev.eps, self.test_adv, strict=True)]
         if self.eval_square:
-            attacks.append(("square", max(self.eval_eps), self.test_square))
+            attacks.append(("square", max(ev.eps), self.test_square))
         for attack, eps, meter in attacks:
             x_adv = perturb(
                 self.net,
@@ -144,24 +146,27 @@ class HolisticModule(pl.LightningModule):
                 y,
                 eps=eps,
                 attack=attack,
-                norm=self.eval_norm,
-                steps=self.eval_steps,
+                norm=ev.norm,
+                steps=ev.steps,
                 input_range=self.input_range,
                 task=self.task,
                 num_classes=self.num_classes,
                 seed=batch_idx,
+                queries=ev.square_queries,
             )
             with torch.no_grad():
-                _, adv_metric, _ = self._natural(x_adv, y)
-            meter.update(adv_metric, weight=len(y))
+                attacked = per_example_outcome(self.net(x_adv), y, self.task)
+            # correct on the clean input AND under attack (never above natural accuracy)
+            meter.update(self._outcome_metric(worst_case(clean, attacked)))
 
     def on_test_epoch_end(self) -> None:
         kind = "acc" if self.task == "classification" else "mse"
-        results = {f"test/{kind}": self.test_natural.compute()}
+        results = {natural_key("test", kind): self.test_natural.compute()}
         for eps, meter in zip(self.eval_eps, self.test_adv, strict=True):
-            results[f"test/{self.eval_attack}_{kind}@{eps:g}"] = meter.compute()
+            results[metric_key("test", self.eval_cfg.attack, kind, eps)] = meter.compute()
         if self.eval_square:
-            results[f"test/square_{kind}@{max(self.eval_eps):g}"] = self.test_square.compute()
+            key = metric_key("test", "square", kind, max(self.eval_eps))
+            results[key] = self.test_square.compute()
             self.test_square.reset()
         if self.task == "regression":
             results = {k.replace("mse", "rmse"): v.sqrt() for k, v in results.items()} | results

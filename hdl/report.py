@@ -58,15 +58,14 @@ def collect_metrics(
     if timer is not None:
         metrics["time/epoch_s"] = timer.seconds_per_epoch
         metrics["time/step_ms"] = timer.ms_per_step
-    sparsity: dict[str, float] = {}
-    try:
-        from hdl.sparsity import zero_fractions
+    from hdl.sparsity import parameter_counts, zero_fractions
 
-        sparsity = zero_fractions(module.net)
-        metrics["sparsity/zero_fraction"] = sparsity.get("total", 0.0)
-    except ImportError:  # pragma: no cover - sparsity module always ships
-        pass
-    metrics["params/total"] = float(sum(p.numel() for p in module.net.parameters()))
+    sparsity = zero_fractions(module.net)
+    metrics["sparsity/zero_fraction"] = sparsity.get("total", 0.0)
+    # the network's real parameters (not the mask logits, nor the raw weights behind the masks)
+    total, nonzero = parameter_counts(module.net)
+    metrics["params/total"] = float(total)
+    metrics["params/nonzero"] = float(nonzero)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # once, not once per key
     config = {k: v for k, v in resolved.items() if k != "hydra"}
     return {
@@ -95,7 +94,7 @@ def write_run_files(run_dir: Path, metrics: dict[str, Any], module) -> None:
         logits = torch.cat(module.test_logits).float().numpy()
         targets = torch.cat(module.test_targets).numpy()
         np.savez_compressed(
-            run_dir / "predictions.npz", logits=logits.astype(np.float16), targets=targets
+            run_dir / "predictions.npz", logits=logits.astype(np.float32), targets=targets
         )
     from hdl.sparsity import effective_weights
 

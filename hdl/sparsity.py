@@ -34,6 +34,7 @@ __all__ = [
     "l0_penalty",
     "mask_parameters",
     "masks",
+    "parameter_counts",
     "set_hard",
     "set_temperature",
     "strip_masks",
@@ -310,6 +311,14 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of the network as the forward pass uses them: every
+    effective tensor once, mask logits and the raw pre-mask weights not counted."""
+    params = list(effective_weights(model).values())
+    return sum(t.numel() for t in params), sum(int((t != 0).sum()) for t in params)
+
+
+@torch.no_grad()
 def strip_masks(model: nn.Module) -> nn.Module:
     """Remove the mask parametrizations in place, baking the masked values into the weights
     (for export). A tensor that carries other parametrizations besides the mask has them baked
@@ -334,8 +343,8 @@ class SparsityCallback(pl.Callback):
     ``max_epochs // (search_rounds + 1)``), then a final hard round that takes the remaining
     epochs. In a search round the temperature grows geometrically from 1 to ``final_temp``,
     reaching it at the round's last training step. The non-mask parameters of
-    ``pl_module.net`` are snapshot after ``rewind_epoch`` epochs of round 0 (0: before any step)
-    and rewound, with their optimizer state cleared, at the start of every later round. Before a
+    ``pl_module.net`` and of ``pl_module.loss`` (θ of the stability term) are snapshot after
+    ``rewind_epoch`` epochs of round 0 (0: before any step) and rewound, with their optimizer state cleared, at the start of every later round. Before a
     later *search* round the logits are clipped (:func:`clip_logits`); the final round makes the
     mask hard and frozen. No clip before the final round: with ``mask_init <= 0`` the clip maps
     every kept logit to ``<= 0``, and the hard mask ``1[s > 0]`` would prune everything.
@@ -392,11 +401,19 @@ class SparsityCallback(pl.Callback):
             raise TypeError("SparsityCallback needs the network at pl_module.net")
         return net
 
-    @staticmethod
-    def _weights(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """Named non-mask parameters of the network (what is snapshot and rewound)."""
+    @classmethod
+    def _weights(cls, pl_module: pl.LightningModule) -> list[tuple[str, nn.Parameter]]:
+        """What is snapshot and rewound: the network's non-mask parameters and the loss's own
+        parameters (θ of the stability term, as ``loss.theta``). θ is the dual variable of the
+        CVaR over the per-example losses of *these* weights: rewinding the weights but keeping a
+        θ fitted to the end of the previous round would start the round off its optimum."""
+        net = cls._net(pl_module)
         mask_ids = {id(p) for p in mask_parameters(net)}
-        return [(n, p) for n, p in net.named_parameters() if id(p) not in mask_ids]
+        found = [(n, p) for n, p in net.named_parameters() if id(p) not in mask_ids]
+        loss = getattr(pl_module, "loss", None)
+        if isinstance(loss, nn.Module):
+            found += [(f"loss.{n}", p) for n, p in loss.named_parameters()]
+        return found
 
     def _resolve(self, max_epochs: int | None) -> None:
         if max_epochs is None or max_epochs < 1:
@@ -443,11 +460,11 @@ class SparsityCallback(pl.Callback):
         epoch = trainer.current_epoch
         r = self.round_of(epoch)
         if r > self.current_round:
-            self._enter_round(trainer, net, r)
+            self._enter_round(trainer, pl_module, r)
         if r == self.final_round:
             set_hard(net, True)  # idempotent
         if self.search_rounds and r == 0 and epoch == self.rewind_epoch and self.snapshot is None:
-            self.snapshot = {n: p.detach().clone() for n, p in self._weights(net)}
+            self.snapshot = {n: p.detach().clone() for n, p in self._weights(pl_module)}
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -475,10 +492,11 @@ class SparsityCallback(pl.Callback):
         steps = self.epochs_per_round * n
         return (epoch_in_round * n + batch_idx) / max(steps - 1, 1)
 
-    def _enter_round(self, trainer: pl.Trainer, net: nn.Module, r: int) -> None:
+    def _enter_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, r: int) -> None:
+        net = self._net(pl_module)
         if r < self.final_round:
             clip_logits(net, self.final_temp, self.mask_init)
-        weights = self._weights(net)
+        weights = self._weights(pl_module)
         if self.snapshot is None:
             rank_zero_warn(
                 "SparsityCallback: no rewind snapshot (resumed from a checkpoint without the "

@@ -98,6 +98,7 @@ def build(cfg: DictConfig):
 
     Shared by training and by ``hdl-eval`` (which rebuilds a run from its saved config)."""
     from hdl.config import validate
+    from hdl.eval_config import EvalConfig
     from hdl.losses import HolisticLoss
     from hdl.module import HolisticModule
 
@@ -120,13 +121,9 @@ def build(cfg: DictConfig):
         loss,
         optimizer=optimizer,
         scheduler=scheduler,
-        eval_eps=list(cfg.eval.eps),
-        eval_attack=cfg.eval.attack,
-        eval_norm=str(cfg.eval.norm),
-        eval_steps=int(cfg.eval.steps),
+        eval_cfg=EvalConfig.from_mapping(OmegaConf.to_container(cfg.eval, resolve=True)),
         input_range=data.input_range,
         num_classes=data.num_outputs if data.task == "classification" else None,
-        eval_square=bool(cfg.eval.get("square_check", False)),
     )
     return data, module
 
@@ -219,9 +216,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.get("objective"):
             from hdl.objective import holistic_objective
 
-            objective = holistic_objective(
-                metrics["metrics"], module, data, cfg.objective, cfg.eval
-            )
+            objective = holistic_objective(metrics["metrics"], module, data, cfg.objective)
             metrics["metrics"].update(objective)
             if trainer.is_global_zero:  # W&B sweeps read the objective from the run's summary
                 for lg in loggers:

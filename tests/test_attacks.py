@@ -11,7 +11,6 @@ from torch import nn
 
 from hdl.attacks import (
     ATTACKS,
-    LINF_ONLY,
     accuracy,
     cross_entropy_loss,
     evaluate_under_attack,
@@ -74,7 +73,7 @@ def tabular():
     return model, x, y
 
 
-CASES = [(a, n) for a in ATTACKS for n in ("inf", "2") if not (a in LINF_ONLY and n == "2")]
+CASES = [(a, n) for a, spec in ATTACKS.items() for n in spec.norms]
 
 
 @pytest.mark.parametrize("attack,norm", CASES)

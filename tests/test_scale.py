@@ -406,7 +406,25 @@ def test_wandb_sweep_parameters_are_valid_hydra_overrides(path, tmp_path):
                 ) == str(value), (key, value)
     cfg = compose(fixed, tmp_path)
     metric = sweep["metric"]["name"]
+    # sweeps rank on validation only: the test split never chooses anything
+    assert not metric.startswith("test/"), metric
     if metric.startswith("objective/"):
         assert cfg.optimized_metric == metric and cfg.objective.weights
-    else:  # a test metric hdl-train logs for the configured eval radii
-        assert float(metric.rsplit("@", 1)[1]) in list(cfg.eval.eps)
+    else:  # the validation robust accuracy that the objective writes, at its radius
+        from hdl.keys import metric_key
+
+        assert cfg.objective, "a val/ adversarial metric needs +hparams_search=objective"
+        assert metric == metric_key("val", cfg.eval.attack, "acc", cfg.objective.eps)
+
+
+def test_searches_rank_on_validation_only():
+    """Every sweep and search config optimises a validation quantity, never a test metric."""
+    files = sorted((REPO / "sweeps").glob("*.yaml")) + sorted(
+        (REPO / "conf" / "hparams_search").glob("*.yaml")
+    )
+    assert files
+    for path in files:
+        text = yaml.safe_load(path.read_text()) or {}
+        names = [text.get("optimized_metric"), (text.get("metric") or {}).get("name")]
+        for name in filter(None, names):
+            assert not str(name).startswith("test/"), f"{path.name} ranks on {name}"

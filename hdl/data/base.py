@@ -8,7 +8,7 @@ sweeps vary). Features are optionally standardised with statistics of the traini
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -97,6 +97,7 @@ class ArrayDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         standardize: bool = True,
         eval_batch_size: int = 1024,
+        input_range: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -111,6 +112,17 @@ class ArrayDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.split_seed = int(split_seed)
         self.standardize = standardize
+        self.declared_range: tuple[float, float] | None = None
+        if input_range is not None:
+            try:
+                lo, hi = (float(v) for v in input_range)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"data.input_range must be [lo, hi] or null, got {input_range!r}"
+                ) from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ConfigError(f"data.input_range must have lo < hi, got {input_range!r}")
+            self.declared_range = (lo, hi)
         self._prepared = False
 
     # --- to implement -------------------------------------------------------------------
@@ -124,7 +136,11 @@ class ArrayDataModule(pl.LightningDataModule):
 
     @property
     def input_range(self) -> tuple[float, float] | None:
-        """Bounds of valid inputs after preprocessing (``None``: unbounded)."""
+        """Bounds of valid inputs after preprocessing, the box the attacks stay in (``None``:
+        unbounded, as for standardised features). Unstandardised: the declared
+        ``data.input_range``, else the min/max of the **training** rows (never the test rows:
+        the test split must not shape the evaluation; a test input outside it is still its own
+        ball's centre, see :func:`hdl.attacks.perturb`)."""
         return None if self.standardize else self._raw_range
 
     # --- shared machinery ---------------------------------------------------------------
@@ -168,7 +184,6 @@ class ArrayDataModule(pl.LightningDataModule):
         if self._prepared:
             return
         x, y = self._validate(*self.load_arrays())
-        self._raw_range = (float(x.min()), float(x.max()))
         stratify = y if self.task == "classification" else None
         idx = np.arange(len(y))
         try:
@@ -183,6 +198,7 @@ class ArrayDataModule(pl.LightningDataModule):
             )
         except ValueError as err:
             raise DataError(f"{self.name}: cannot split {len(y)} examples ({err})") from None
+        self._raw_range = self.declared_range or (float(x[train].min()), float(x[train].max()))
         if self.standardize:
             flat = x[train].reshape(len(train), -1)
             mean, std = flat.mean(0), flat.std(0)
