@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,9 @@ from hdl.errors import ConfigError
 from hdl.norms import ATTACK_NORMS, parse_norm
 
 TASKS = ("classification", "regression")
-SQUARE_QUERIES = 1000  # the test loop's cheap gradient-free check; hdl-eval uses EVAL_SQUARE_QUERIES
+SQUARE_QUERIES = (
+    1000  # the test loop's cheap gradient-free check; hdl-eval uses EVAL_SQUARE_QUERIES
+)
 EVAL_SQUARE_QUERIES = 5000
 
 
@@ -74,7 +75,9 @@ def _fgsm_rs(g, eps, step_size, **_):
 
 
 def _apgd(g, eps, norm, steps, seed, **_):
-    return torchattacks().APGD(g, norm=_ta_norm(norm), eps=eps, steps=steps, n_restarts=1, seed=seed)
+    return torchattacks().APGD(
+        g, norm=_ta_norm(norm), eps=eps, steps=steps, n_restarts=1, seed=seed
+    )
 
 
 def _square(g, eps, norm, seed, queries, **_):
@@ -140,12 +143,12 @@ def _check(
     spec = ATTACKS[attack]
     if task not in spec.tasks:
         regression = [n for n, s in ATTACKS.items() if task in s.tasks]
-        raise ConfigError(
-            f"attack {attack!r} is classification-only; {task} supports {regression}"
-        )
+        raise ConfigError(f"attack {attack!r} is classification-only; {task} supports {regression}")
     if p not in spec.norms:
         other = [n for n, s in ATTACKS.items() if p in s.norms]
-        raise ConfigError(f"attack {attack!r} supports norms {list(spec.norms)}; for {p} use {other}")
+        raise ConfigError(
+            f"attack {attack!r} supports norms {list(spec.norms)}; for {p} use {other}"
+        )
     return attack, p, eps
 
 
@@ -395,9 +398,7 @@ def _build(
             g, norm=p, eps=eps, seed=seed, multi_targeted=True, n_classes=n_classes, n_restarts=1
         )
     if name == "square-aa":
-        return ta.Square(
-            g, norm=p, eps=eps, seed=seed, n_queries=EVAL_SQUARE_QUERIES, n_restarts=1
-        )
+        return ta.Square(g, norm=p, eps=eps, seed=seed, n_queries=EVAL_SQUARE_QUERIES, n_restarts=1)
     return ATTACKS[name].factory(
         g=g,
         eps=eps,
@@ -468,9 +469,7 @@ def _torchattacks_perturb(
 
 
 # --- public entry points ----------------------------------------------------------------
-def _domain(
-    x: Tensor, input_range: tuple[float, float] | None
-) -> tuple[float, float] | None:
+def _domain(x: Tensor, input_range: tuple[float, float] | None) -> tuple[float, float] | None:
     """The attack's box: the declared input range, widened to hold every clean input of the
     batch (a test point outside the training rows' range must stay a point of its own ball;
     clamping it into the range could move it further than eps)."""

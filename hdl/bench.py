@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from hdl.bench_memory import measure_peak
-from hdl.losses import HolisticLoss, parse_norm, robust_cross_entropy
+from hdl.losses import HolisticLoss, robust_cross_entropy
+from hdl.norms import norm_value
 from hdl.train import config_dir
 
 Step = Callable[[], None]
@@ -138,7 +139,7 @@ def _ms(seconds: list[float]) -> float:
 # --- the sections ---------------------------------------------------------------------------
 def topk_error(model: nn.Module, x: Tensor, y: Tensor, robust: Any) -> float:
     """Mean relative error of the top-k robust loss against the exact one on the same batch."""
-    eps, p = float(robust.eps), parse_norm(robust.norm)
+    eps, p = float(robust.eps), norm_value(robust.norm, "loss.robust.norm")
     exact = robust_cross_entropy(model, x, y, eps, p).detach()
     approx = robust_cross_entropy(model, x, y, eps, p, top_k=int(robust.top_k)).detach()
     return float(((exact - approx).abs() / exact.abs().clamp_min(1e-12)).mean())
@@ -226,7 +227,7 @@ def bench_exact_options(
     preset = cfg.presets[cfg.preset]
     classes = int(cfg.classes)
     eps = float(OmegaConf.load(Path(config_dir()) / "loss" / "robust.yaml").robust.eps)
-    p = parse_norm(cfg.exact_options.norm)
+    p = norm_value(cfg.exact_options.norm, "exact_options.norm")
     torch.manual_seed(int(cfg.seed))
     base = build_model(preset, classes).to(device)
     x, y = random_batch(

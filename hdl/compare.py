@@ -2,14 +2,26 @@
 
 Runs are read from disk alone (``metrics.json``, ``predictions.npz``, ``weights.npz`` and, when
 ``hdl-eval`` ran, ``eval.json``). Runs that differ only in ``data.split_seed`` or ``seed`` form a
-group (a *variant*); each variant gets mean ± std over its runs of natural accuracy, accuracy
-under attack per eps, zero-weight fraction, the stability metrics of :mod:`hdl.stability`, and
-training time. Written: ``comparison.md``, ``comparison.csv``, ``comparison.json`` and PNG plots.
+group (a *variant*); each variant gets mean ± std over all its runs of natural accuracy, accuracy
+under attack per eps, zero-weight fraction and training time, and the stability metrics of
+:mod:`hdl.stability`, kept apart by what varies:
+
+- *split* stability (keys ``split/...``, "stability over splits"): among runs with the same
+  ``seed`` and different ``data.split_seed``;
+- *init-seed* stability (keys ``seed/...``, "stability over init seeds"): among runs with the
+  same ``data.split_seed`` and different ``seed``.
+
+Each is computed in every such subgroup of at least two runs and averaged over the subgroups,
+weighted by their run counts (a variant that varies only the split seed has one subgroup, so its
+split stability is that of all its runs). A variant whose runs vary in neither, or in which no
+two runs share a seed or a split, has no stability. Written: ``comparison.md`` (the table and a
+legend of its stability columns), ``comparison.csv``, ``comparison.json`` and PNG plots.
 
 Four axes judge a variant (higher is better, each in [0, 1] for classification): accuracy,
 robustness (accuracy under the strongest attack at the largest eps), sparsity (fraction of zero
-weights) and stability (1 - mean Gini impurity of predictions across splits). ``--prefer``
-weights them and names the Pareto-optimal variant that fits best.
+weights) and stability (1 - mean Gini impurity of the predicted labels across splits, or across
+init seeds where no split stability was measured; :func:`stability_source` says which).
+``--prefer`` weights them and names the Pareto-optimal variant that fits best.
 """
 
 from __future__ import annotations
@@ -18,7 +30,6 @@ import argparse
 import csv
 import json
 import math
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +39,20 @@ from typing import Any
 import numpy as np
 
 from hdl.errors import ConfigError, DataError, HDLError
-from hdl.stability import load_predictions, prediction_stability, weight_std
+from hdl.keys import format_eps, metric_key, parse_metric_key
+from hdl.stability import load_predictions, prediction_stability, weight_stability
 
 AXES = ("accuracy", "robustness", "sparsity", "stability")
+SPLIT_KEY, SEED_KEY = "data.split_seed", "seed"
+# kind of stability -> (what it is over, the key its runs share, the key they vary); the axis
+# takes the first kind a variant has
+STABILITY_KINDS = {
+    "split": ("splits", SEED_KEY, SPLIT_KEY),
+    "seed": ("init seeds", SPLIT_KEY, SEED_KEY),
+}
 # config keys that never define a variant: what a stability group varies, and run bookkeeping
-IGNORED_KEYS = ("seed", "data.split_seed", "ckpt_path", "print_metrics", "test", "run_id")
+IGNORED_KEYS = (SEED_KEY, SPLIT_KEY, "ckpt_path", "print_metrics", "test", "run_id")
 IGNORED_PREFIXES = ("logger.", "callbacks.", "hydra.")
-ADV_KEY = re.compile(r"^test/(?P<attack>[a-z_]+?)_(?P<kind>acc|mse|rmse)@(?P<eps>[0-9.e+-]+)$")
 
 
 # --- reading runs ------------------------------------------------------------------------------
@@ -68,7 +86,7 @@ def _eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     for attack, by_eps in report.get("robustness", {}).items():
         for eps, values in by_eps.items():
             if float(eps) > 0:
-                out[f"eval/{attack}_{kind}@{float(eps):g}"] = float(values[key])
+                out[metric_key("eval", attack, kind, float(eps))] = float(values[key])
     return out
 
 
@@ -109,9 +127,17 @@ def _defines_variant(key: str) -> bool:
     return key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES)
 
 
+def _order(value: Any) -> tuple:
+    """Sort key for config values that may be missing (None) or of mixed types."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value))
+
+
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Variants: runs that agree on every config key except the split/seed keys. Each variant is
-    labelled by its loss preset plus the keys in which the variants differ."""
+    """Variants: runs that agree on every config key except the split/seed keys (sorted by split
+    seed, then seed). Each variant is labelled by its loss preset plus the keys in which the
+    variants differ."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         key = tuple(sorted((k, repr(v)) for k, v in run.config.items() if _defines_variant(k)))
@@ -136,7 +162,10 @@ def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
         label = " ".join(parts)
         while label in labelled:  # identical labels only if a differing key is missing somewhere
             label += "'"
-        labelled[label] = sorted(groups[key], key=lambda r: r.config.get("data.split_seed", 0))
+        labelled[label] = sorted(
+            groups[key],
+            key=lambda r: (_order(r.config.get(SPLIT_KEY, 0)), _order(r.config.get(SEED_KEY, 0))),
+        )
     return labelled
 
 
@@ -153,7 +182,7 @@ class Variant:
     label: str
     runs: list[Run]
     stats: dict[str, tuple[float, float]]  # metric -> (mean, std) over runs
-    stability: dict[str, float]
+    stability: dict[str, float]  # "<kind>/<metric>", kind in STABILITY_KINDS
     layers: dict[str, float]  # mean zero fraction per layer
     warnings: list[str]
 
@@ -164,15 +193,26 @@ class Variant:
     def mean(self, key: str) -> float:
         return self.stats.get(key, (math.nan, math.nan))[0]
 
+    @property
+    def stability_kinds(self) -> list[str]:
+        """The kinds of stability measured (``split``, ``seed``), in STABILITY_KINDS order."""
+        return [k for k in STABILITY_KINDS if any(s.startswith(f"{k}/") for s in self.stability)]
+
+    def stability_of(self, kind: str) -> dict[str, float]:
+        """One kind's metrics, without the ``<kind>/`` prefix ({} when not measured)."""
+        prefix = f"{kind}/"
+        return {k[len(prefix) :]: x for k, x in self.stability.items() if k.startswith(prefix)}
+
 
 def adversarial_keys(variants: Iterable[Variant], prefix: str = "test/") -> list[tuple[str, float]]:
-    """(attack, eps) pairs measured in the test loop, sorted by attack then eps."""
+    """(attack, eps) pairs measured under ``prefix`` (``test/``: the test loop; ``eval/``:
+    ``hdl-eval``), sorted by attack then eps."""
     found = set()
     for v in variants:
         for key in v.stats:
-            m = ADV_KEY.match(key.replace("eval/", "test/")) if key.startswith(prefix) else None
-            if m and m["kind"] != "mse":
-                found.add((m["attack"], float(m["eps"])))
+            parsed = parse_metric_key(key)
+            if parsed and key.startswith(prefix) and parsed.kind != "mse":
+                found.add((parsed.attack, parsed.eps))
     return sorted(found)
 
 
@@ -180,46 +220,119 @@ def _gradient_masking(stats: Mapping[str, tuple[float, float]], kind: str, n: in
     """Square (gradient-free) beating PGD at the same eps: PGD overstates robustness."""
     out = []
     for key, (square, _) in stats.items():
-        m = ADV_KEY.match(key)
-        if not m or m["attack"] != "square" or m["kind"] != kind:
+        parsed = parse_metric_key(key)
+        if not parsed or parsed.split != "test" or parsed.attack != "square" or parsed.kind != kind:
             continue
-        pgd = stats.get(f"test/pgd_{kind}@{m['eps']}", (math.nan,))[0]
+        pgd = stats.get(metric_key("test", "pgd", kind, parsed.eps), (math.nan,))[0]
         if math.isfinite(pgd) and square < pgd - 1.0 / max(n, 1):
             out.append(
-                f"gradient masking: Square ({square:.3f}) beats PGD ({pgd:.3f}) at eps={m['eps']}"
+                f"gradient masking: Square ({square:.3f}) beats PGD ({pgd:.3f}) at "
+                f"eps={format_eps(parsed.eps)}"
             )
     return out
+
+
+def stability_subgroups(runs: Sequence[Run], kind: str) -> tuple[list[list[Run]], int]:
+    """The runs a kind of stability compares: runs sharing the kind's fixed key (e.g. ``seed`` for
+    split stability), one run per value of its varied key, in subgroups of at least 2 runs. Also
+    returns how many runs were left out as repeats of the same (fixed, varied) pair."""
+    _, fixed, varied = STABILITY_KINDS[kind]
+    by_fixed: dict[str, dict[str, Run]] = {}
+    repeats = 0
+    for run in runs:
+        subgroup = by_fixed.setdefault(repr(run.config.get(fixed)), {})
+        value = repr(run.config.get(varied))
+        if value in subgroup:
+            repeats += 1
+        else:
+            subgroup[value] = run
+    return [list(g.values()) for g in by_fixed.values() if len(g) > 1], repeats
+
+
+def _load_weights(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _weighted_mean(results: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+    """Each metric averaged over the subgroups that have it, weighted by their run counts
+    (exactly the subgroup's value when there is one)."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for _, r in results for k in r):
+        have = [(n, r[key]) for n, r in results if key in r]
+        total = sum(n for n, _ in have)
+        out[key] = float(sum(x * (n / total) for n, x in have))
+    return out
+
+
+def measure_stability(runs: Sequence[Run], task: str) -> tuple[dict[str, float], list[str]]:
+    """``split/<metric>`` and ``seed/<metric>`` (see :mod:`hdl.stability`; plus ``runs``: the runs
+    compared, ``groups``: the subgroups averaged) of one variant's runs, and warnings."""
+    warnings: list[str] = []
+    usable = [r for r in runs if (r.path / "predictions.npz").is_file()]
+    if len(usable) < len(runs) and usable:
+        warnings.append(
+            f"{len(runs) - len(usable)} of {len(runs)} runs have no predictions.npz: "
+            "left out of the stability metrics"
+        )
+    if len(usable) < 2:
+        return {}, warnings
+    weights: dict[Path, dict[str, np.ndarray]] = {}  # loaded once, shared by both kinds
+    stability: dict[str, float] = {}
+    any_subgroup = False
+    for kind, (over, _, varied) in STABILITY_KINDS.items():
+        subgroups, repeats = stability_subgroups(usable, kind)
+        if repeats and subgroups:
+            warnings.append(
+                f"stability over {over}: {repeats} run(s) repeat another run's {varied} "
+                "and were left out"
+            )
+        any_subgroup = any_subgroup or bool(subgroups)
+        results: list[tuple[int, dict[str, float]]] = []
+        for group in subgroups:
+            try:
+                logits, targets = load_predictions([r.path / "predictions.npz" for r in group])
+                result = prediction_stability(logits, targets, task)
+            except ValueError as err:
+                warnings.append(f"stability over {over} not measured: {err}")
+                continue
+            if all((r.path / "weights.npz").is_file() for r in group):
+                for r in group:
+                    if r.path not in weights:
+                        weights[r.path] = _load_weights(r.path / "weights.npz")
+                result |= weight_stability([weights[r.path] for r in group]) or {}
+            result.pop("runs", None)
+            results.append((len(group), result))
+        if results:
+            averaged = _weighted_mean(results)
+            averaged |= {"runs": float(sum(n for n, _ in results)), "groups": float(len(results))}
+            stability |= {f"{kind}/{k}": x for k, x in averaged.items()}
+    varies = {
+        key: len({repr(r.config.get(key)) for r in usable}) > 1 for key in (SPLIT_KEY, SEED_KEY)
+    }
+    if any(varies.values()) and not any_subgroup:
+        warnings.append(
+            "stability not measured: no two runs share a seed or a data.split_seed"
+            " (split and init-seed stability are not pooled)"
+        )
+    return stability, warnings
 
 
 def aggregate(label: str, runs: list[Run]) -> Variant:
     keys = sorted({k for r in runs for k in r.metrics})
     stats = {k: mean_std([r.metrics.get(k, math.nan) for r in runs]) for k in keys}
     task = runs[0].task
-    stability: dict[str, float] = {}
     warnings = sorted({w for r in runs for w in r.warnings})
-    preds = [r.path / "predictions.npz" for r in runs]
-    if len(runs) > 1 and all(p.is_file() for p in preds):
-        try:
-            logits, targets = load_predictions(preds)
-            stability = prediction_stability(logits, targets, task)
-        except ValueError as err:
-            warnings.append(f"stability not measured: {err}")
-        weights = [r.path / "weights.npz" for r in runs]
-        if all(p.is_file() for p in weights):
-            loaded = []
-            for p in weights:
-                with np.load(p) as f:
-                    loaded.append({k: f[k] for k in f.files})
-            ws = weight_std(loaded)
-            if ws is not None:
-                stability["weight_std"] = ws
+    stability, found = measure_stability(runs, task)
+    warnings += found
     layers: dict[str, list[float]] = {}
     for r in runs:
         for name, frac in r.meta.get("sparsity", {}).items():
             if name != "total":
                 layers.setdefault(name, []).append(float(frac))
     n_test = 0
-    if preds and preds[0].is_file():
+    preds = [r.path / "predictions.npz" for r in runs if (r.path / "predictions.npz").is_file()]
+    if preds:
         with np.load(preds[0]) as f:
             n_test = len(f["targets"])
     kind = "acc" if task == "classification" else "rmse"
@@ -241,21 +354,34 @@ def compare(runs: Sequence[Run]) -> list[Variant]:
 
 
 # --- the four axes, Pareto front and preferences ---------------------------------------------
+def _over(kind: str | None) -> str:
+    """``splits`` / ``init seeds`` for a kind of stability ("" for None)."""
+    return STABILITY_KINDS[kind][0] if kind else ""
+
+
+def stability_source(v: Variant) -> str | None:
+    """The kind of stability the stability axis uses: ``split`` when measured, else ``seed``."""
+    return v.stability_kinds[0] if v.stability_kinds else None
+
+
 def axes(v: Variant) -> dict[str, float]:
-    """The variant's position on the four holistic axes (higher is better)."""
+    """The variant's position on the four holistic axes (higher is better). Stability is over
+    splits where measured, else over init seeds (:func:`stability_source`)."""
     measured = adversarial_keys([v])
     largest = max((e for _, e in measured), default=None)
+    source = stability_source(v)
+    st = v.stability_of(source) if source else {}
     if v.task == "classification":
         accuracy = v.mean("test/acc")
         # the strongest attack at the largest radius: the minimum accuracy over attacks
-        at_largest = [v.mean(f"test/{a}_acc@{e:g}") for a, e in measured if e == largest]
+        at_largest = [v.mean(metric_key("test", a, "acc", e)) for a, e in measured if e == largest]
         robust = min((x for x in at_largest if math.isfinite(x)), default=math.nan)
-        stability = 1.0 - v.stability["gini"] if "gini" in v.stability else math.nan
+        stability = 1.0 - st["gini"] if "gini" in st else math.nan
     else:  # regression: negative errors, so that higher is still better
         accuracy = -v.mean("test/rmse")
-        at_largest = [v.mean(f"test/{a}_rmse@{e:g}") for a, e in measured if e == largest]
+        at_largest = [v.mean(metric_key("test", a, "rmse", e)) for a, e in measured if e == largest]
         robust = -max((x for x in at_largest if math.isfinite(x)), default=math.nan)
-        stability = -v.stability.get("prediction_std", math.nan)
+        stability = -st.get("prediction_std", math.nan)
     return {
         "accuracy": accuracy,
         "robustness": robust,
@@ -337,33 +463,106 @@ def _fmt(mean: float, std: float, percent: bool = False) -> str:
     return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
 
 
+# the stability columns: (header, key in hdl.stability, format); "min acc %" is in percent
+STABILITY_COLUMNS = {
+    "classification": [
+        ("min acc %", "acc_min", "{:.1f}", 100.0),
+        ("label gini", "gini", "{:.4f}", 1.0),
+        ("logit std", "logit_std", "{:.4f}", 1.0),
+        ("prob std", "prob_std", "{:.4f}", 1.0),
+        ("weight std", "weight_std", "{:.4f}", 1.0),
+        ("weight CV", "weight_cv", "{:.4f}", 1.0),
+    ],
+    "regression": [
+        ("max RMSE", "rmse_max", "{:.4f}", 1.0),
+        ("pred std", "prediction_std", "{:.4f}", 1.0),
+        ("pred std / target std", "prediction_std_rel", "{:.4f}", 1.0),
+        ("weight std", "weight_std", "{:.4f}", 1.0),
+        ("weight CV", "weight_cv", "{:.4f}", 1.0),
+    ],
+}
+STABILITY_LEGEND = {
+    "min acc %": "lowest test accuracy among the compared runs",
+    "max RMSE": "highest test RMSE among the compared runs",
+    "label gini": (
+        "mean over test examples of the Gini impurity of the example's predicted labels across "
+        "runs (0: all runs agree; at most 1 - 1/classes)"
+    ),
+    "logit std": (
+        "std of the logits across runs, mean over examples and classes; grows with the logit "
+        "scale (smaller logits look more stable)"
+    ),
+    "prob std": (
+        "std of the softmax probabilities across runs, mean over examples and classes; scale "
+        "free, bounded (0: identical outputs; at most 0.5·√(R/(R−1)) for R runs)"
+    ),
+    "pred std": "std of the predictions across runs, mean over examples (in target units)",
+    "pred std / target std": "pred std divided by the std of the test targets (scale free)",
+    "weight std": (
+        "std of each weight across runs, mean over the weights that are non-zero in at least "
+        "one run (weights pruned in every run are left out)"
+    ),
+    "weight CV": "weight std divided by the mean |w| over the same weights (scale free)",
+}
+
+
+def _stability_cells(v: Variant, task: str) -> list[str]:
+    """'stability over' and the stability columns; a variant with both kinds shows
+    ``splits / init seeds`` and each cell as ``<over splits> / <over init seeds>``."""
+    kinds = v.stability_kinds
+    if not kinds:
+        return ["–"] + ["–" for _ in STABILITY_COLUMNS[task]]
+    cells = [" / ".join(_over(k) for k in kinds)]
+    for _, key, fmt, scale in STABILITY_COLUMNS[task]:
+        values = [v.stability.get(f"{k}/{key}") for k in kinds]
+        cells.append(
+            " / ".join("–" if x is None else fmt.format(scale * x) for x in values)
+            if any(x is not None for x in values)
+            else "–"
+        )
+    return cells
+
+
+def _attack_title(attack: str, variants: Sequence[Variant]) -> str:
+    """Column title of a test-loop attack; Square says how many queries it had (the test loop
+    keeps it cheap, ``eval.square_queries``; hdl-eval's columns run 5,000)."""
+    if attack != "square":
+        return attack
+    from hdl.eval_config import EvalConfig
+
+    queries = sorted(
+        {
+            int(r.config.get("eval.square_queries", EvalConfig.square_queries))
+            for v in variants
+            for r in v.runs
+        }
+    )
+    return f"square ({'/'.join(map(str, queries))} q)" if queries else attack
+
+
 def table_rows(variants: Sequence[Variant]) -> tuple[list[str], list[list[str]], list[dict]]:
     """(header, formatted rows, raw records) of the comparison table."""
     task = variants[0].task
     kind = "acc" if task == "classification" else "rmse"
     adv = adversarial_keys(variants)
     header = ["variant", "runs", "test acc %" if kind == "acc" else "test RMSE"]
-    header += [f"{a} {kind}@{e:g}" + (" %" if kind == "acc" else "") for a, e in adv]
+    unit = " %" if kind == "acc" else ""
+    header += [f"{_attack_title(a, variants)} {kind}@{format_eps(e)}{unit}" for a, e in adv]
     evals = adversarial_keys(variants, prefix="eval/")
-    header += [f"eval {a} {kind}@{e:g}" for a, e in evals]
-    if task == "classification":
-        header += ["zero weights %", "min acc %", "gini", "logit std", "weight std", "s/epoch"]
-    else:
-        header += ["zero weights %", "max RMSE", "pred std", "weight std", "s/epoch"]
+    header += [f"eval {a} {kind}@{format_eps(e)}{unit}" for a, e in evals]
+    columns = STABILITY_COLUMNS["classification" if kind == "acc" else "regression"]
+    header += ["zero weights %", "stability over", *(c[0] for c in columns), "s/epoch"]
     rows, records = [], []
     pct = kind == "acc"
     for v in variants:
-        st = v.stability
         row = [v.label, str(len(v.runs)), _fmt(*v.stats.get(f"test/{kind}", (math.nan, 0)), pct)]
-        row += [_fmt(*v.stats.get(f"test/{a}_{kind}@{e:g}", (math.nan, 0)), pct) for a, e in adv]
-        row += [_fmt(*v.stats.get(f"eval/{a}_{kind}@{e:g}", (math.nan, 0)), pct) for a, e in evals]
+        for split, pairs in (("test", adv), ("eval", evals)):
+            row += [
+                _fmt(*v.stats.get(metric_key(split, a, kind, e), (math.nan, 0)), pct)
+                for a, e in pairs
+            ]
         row.append(_fmt(*v.stats.get("sparsity/zero_fraction", (math.nan, 0)), True))
-        if task == "classification":
-            row.append(f"{100 * st['acc_min']:.1f}" if "acc_min" in st else "–")
-            row += [f"{st[k]:.4f}" if k in st else "–" for k in ("gini", "logit_std", "weight_std")]
-        else:
-            row.append(f"{st['rmse_max']:.4f}" if "rmse_max" in st else "–")
-            row += [f"{st[k]:.4f}" if k in st else "–" for k in ("prediction_std", "weight_std")]
+        row += _stability_cells(v, "classification" if pct else "regression")
         row.append(_fmt(*v.stats.get("time/epoch_s", (math.nan, 0))))
         if v.warnings:
             row[0] += " ⚠"
@@ -371,10 +570,32 @@ def table_rows(variants: Sequence[Variant]) -> tuple[list[str], list[list[str]],
         record: dict[str, Any] = {"variant": v.label, "runs": len(v.runs)}
         for key, (m, s) in v.stats.items():
             record[f"{key} mean"], record[f"{key} std"] = m, s
-        record |= {f"stability/{k}": x for k, x in st.items()}
+        record["stability/over"] = " / ".join(_over(k) for k in v.stability_kinds)
+        record |= {f"stability/{k}": x for k, x in v.stability.items()}
         record |= {f"axis/{k}": x for k, x in axes(v).items()}
+        record["axis/stability_over"] = _over(stability_source(v))
         records.append(record)
     return header, rows, records
+
+
+def stability_legend(task: str) -> str:
+    """Markdown paragraph under the table: what every stability column is."""
+    columns = STABILITY_COLUMNS["classification" if task == "classification" else "regression"]
+    lines = [
+        "Stability columns compare the test predictions (and weights) of a variant's runs, "
+        "example by example; std is the sample std across runs. The mean ± std columns are over "
+        "all runs of a variant.",
+        "",
+        "- **stability over**: `splits`: runs with the same init `seed` and different "
+        "`data.split_seed`; `init seeds`: runs with the same `data.split_seed` and different "
+        "`seed`. Each is computed in every such subgroup of ≥ 2 runs and averaged over the "
+        "subgroups weighted by their run counts; the two are never pooled. `splits / init seeds`: "
+        "both were measured and each stability cell reads `<over splits> / <over init seeds>`. "
+        "`–`: the runs vary in neither (or no two share one). The stability axis of the Pareto "
+        "front is over splits where measured, else over init seeds.",
+    ]
+    lines += [f"- **{name}**: {STABILITY_LEGEND[name]}." for name, *_ in columns]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -415,13 +636,18 @@ def run_compare(
     points = {v.label: axes(v) for v in variants}
     weights = parse_preferences(prefer)
     ranking = recommend(points, weights)
-    md = markdown_table(header, rows)
+    md = markdown_table(header, rows) + "\n" + stability_legend(variants[0].task)
     (out / "comparison.md").write_text(md)
     write_csv(out / "comparison.csv", records)
     summary = {
         "runs": len(runs),
         "variants": {
-            v.label: {"runs": [str(r.path) for r in v.runs], "warnings": v.warnings}
+            v.label: {
+                "runs": [str(r.path) for r in v.runs],
+                "warnings": v.warnings,
+                "stability_over": [_over(k) for k in v.stability_kinds],
+                "stability_axis_over": _over(stability_source(v)) or None,
+            }
             for v in variants
         },
         "axes": points,
@@ -447,7 +673,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=max(Console().width, 160))
-    table = Table(title=f"baseline vs holistic · {summary['runs']} runs (mean ± std over splits)")
+    table = Table(title=f"baseline vs holistic · {summary['runs']} runs (mean ± std over runs)")
     for i, name in enumerate(summary["header"]):
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in summary["rows"]:

@@ -107,9 +107,7 @@ def parse_attack(spec: str) -> tuple[str, str]:
         head, _, suffix = spec.rpartition("_")
         name, norm = head, {"linf": "inf", "l2": "2"}.get(suffix)
     if name not in ATTACKS or norm is None or norm not in ATTACKS[name].norms:
-        known = ", ".join(
-            f"{a} ({'/'.join('l' + n for n in s.norms)})" for a, s in ATTACKS.items()
-        )
+        known = ", ".join(f"{a} ({'/'.join('l' + n for n in s.norms)})" for a, s in ATTACKS.items())
         raise ConfigError(
             f"--attacks: unknown attack {spec!r} (known: {known}; add _linf or _l2 to choose "
             "the norm)"
@@ -376,9 +374,7 @@ def print_report(report: dict[str, Any]) -> None:
     queries = report.get("square_queries")
     table = Table(
         title=f"{report['run_dir']} · robust {key} (correct on the clean input and under attack; "
-        f"{report['steps']} steps"
-        + (f", Square {queries} queries" if queries else "")
-        + ")"
+        f"{report['steps']} steps" + (f", Square {queries} queries" if queries else "") + ")"
     )
     table.add_column("attack")
     radii = sorted({e for r in report["robustness"].values() for e in r}, key=float)

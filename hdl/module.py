@@ -136,7 +136,9 @@ class HolisticModule(pl.LightningModule):
         self.test_logits.append(out.detach().cpu())
         self.test_targets.append(y.detach().cpu())
         ev = self.eval_cfg
-        attacks = [(ev.attack, eps, meter) for eps, meter in zip(ev.eps, self.test_adv, strict=True)]
+        attacks = [
+            (ev.attack, eps, meter) for eps, meter in zip(ev.eps, self.test_adv, strict=True)
+        ]
         if self.eval_square:
             attacks.append(("square", max(ev.eps), self.test_square))
         for attack, eps, meter in attacks:

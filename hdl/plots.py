@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hdl.keys import metric_key
+
 if TYPE_CHECKING:
     from hdl.compare import Variant
 
@@ -43,7 +45,7 @@ def accuracy_vs_eps(variants: Sequence[Variant], path: Path) -> Path:
     for attack in sorted({a for a, _ in adversarial_keys(variants)} - {"square"}):
         radii = sorted(e for a, e in adversarial_keys(variants) if a == attack)
         for v in variants:
-            keys = [f"test/{kind}"] + [f"test/{attack}_{kind}@{e:g}" for e in radii]
+            keys = [f"test/{kind}"] + [metric_key("test", attack, kind, e) for e in radii]
             stats = [v.stats.get(k, (math.nan, math.nan)) for k in keys]
             ax.errorbar(
                 [0.0, *radii],

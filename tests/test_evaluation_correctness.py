@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hdl.attacks import ATTACKS, evaluate_under_attack, perturb, worst_case
@@ -306,3 +305,46 @@ def test_validate_uses_the_loss_configs_search_rounds_default(tmp_path):
     validate(cfg)  # the old default of 2 search rounds demanded 3 epochs
     with pytest.raises(ConfigError, match="max_epochs"):
         validate(compose(["loss=sparse", "~loss.sparse.search_rounds", "trainer.max_epochs=1"]))
+
+
+# --- θ of the stability term is rewound with the weights between sparsity rounds -----------------
+def test_theta_is_rewound_and_its_optimizer_state_reset_between_rounds():
+    import functools
+
+    from hdl.data.base import IndexBatches
+    from hdl.losses import HolisticLoss
+    from hdl.module import HolisticModule
+    from hdl.sparsity import SparsityCallback
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    loss = HolisticLoss(stable={"ratio": 0.5}, sparse={"l0": 1e-3, "mask_lr": 0.05})
+    module = HolisticModule(net, loss, optimizer=functools.partial(torch.optim.Adam, lr=0.05))
+    cb = SparsityCallback(search_rounds=1, rewind_epoch=1, final_temp=10.0)
+    seen: dict[int, tuple[float, bool, dict | None]] = {}
+
+    class Probe(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # noqa: ANN001
+            theta = pl_module.loss.theta
+            state = theta in trainer.optimizers[0].state
+            snap = None if cb.snapshot is None else dict(cb.snapshot)
+            seen[trainer.current_epoch] = (float(theta.detach()), state, snap)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, Probe()],
+    )
+    trainer.fit(module, IndexBatches(x, y, 16, shuffle=False))
+    theta_at_snapshot, _, snap = seen[1]
+    assert "loss.theta" in snap and float(snap["loss.theta"]) == theta_at_snapshot
+    assert seen[1][0] != seen[0][0]  # θ moved during round 0 ...
+    assert seen[2][0] == theta_at_snapshot  # ... and was rewound with the weights
+    assert seen[2][1] is False and seen[3][1] is True  # fresh Adam state at the round start
