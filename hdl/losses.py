@@ -1,11 +1,15 @@
 """The composite holistic loss: (robust) cross-entropy, stability over training subsets, sparsity.
 
-Math (DESIGN.md): for logits z = f(x) and d_i = z_i - z_y, the first-order worst case over an
+Math (docs/loss.md): for logits z = f(x) and d_i = z_i - z_y, the first-order worst case over an
 l_p ball of radius eps is d_i + eps * ||grad_x d_i||_q (q the dual norm), and
 
     robust CE  = log sum_i exp(d_i + eps ||grad_x d_i||_q)     (the i = y term is 0)
     stable     = theta + mean_b relu(l_b - theta) / ratio       (CVaR at level ratio)
     total      = mean_or_stable(l_b) + l0 * sum(masks) + l2 * ||w||^2
+
+Under batch norm in train mode, grad_x d_i is that of each example's own function with the batch
+statistics held fixed: mean and variance are the batch's (they carry the weight gradient, the
+running statistics move once) but the input gradient does not flow through them (hdl.batchnorm).
 
 Every term is present in every combination; all off is plain cross-entropy, bit for bit.
 """
@@ -22,19 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hdl.attacks import ADVERSARIAL_METHODS
+from hdl.batchnorm import per_example_forward
 from hdl.errors import ConfigError
+from hdl.norms import norm_value
 
-_NORMS = {"inf": math.inf, "linf": math.inf, "2": 2.0, "l2": 2.0, "1": 1.0, "l1": 1.0}
-
-
-def parse_norm(norm: Any, key: str = "loss.robust.norm") -> float:
-    """Map 'inf' / 2 / 'l1' / math.inf ... to p in {inf, 2, 1}; anything else is a ConfigError."""
-    if isinstance(norm, int | float) and float(norm) in (1.0, 2.0, math.inf):
-        return float(norm)
-    p = _NORMS.get(str(norm).lower())
-    if p is None:
-        raise ConfigError(f"{key} must be one of inf, 2, 1 (an l_p norm), got {norm!r}")
-    return p
+NORM_KEY = "loss.robust.norm"
 
 
 def dual_norm(g: Tensor, p: float) -> Tensor:
@@ -59,9 +56,10 @@ def _double_backward_context(model: nn.Module):
 def _batched_input_vjp(out: Tensor, x: Tensor, vectors: Tensor) -> Tensor:
     """VJPs of ``out`` (B, C) w.r.t. ``x`` for K cotangents ``vectors`` (K, B, C) -> (K, B, *x).
 
-    Examples are independent, so the VJP with a (B, C) cotangent gives every example's
-    row-combination of its own Jacobian at once: K backward passes for the whole batch, run as
-    one vmapped pass. The graph is kept (create_graph) so the loss trains.
+    Examples are independent (under batch norm in train mode made so by
+    :func:`hdl.batchnorm.per_example_forward`), so the VJP with a (B, C) cotangent gives every
+    example's row-combination of its own Jacobian at once: K backward passes for the whole
+    batch, run as one vmapped pass. The graph is kept (create_graph) so the loss trains.
     """
     try:
         (grads,) = torch.autograd.grad(
@@ -90,18 +88,19 @@ def robust_cross_entropy(
     ``top_k=None`` is exact (all C - 1 classes other than y get the gradient term). ``top_k=k``
     is an approximation: only the k classes with the largest gap d_i get it, the others keep
     their natural gap, so the result is still >= cross-entropy (and exact for k >= C - 1).
-    Pass ``logits`` only together with an ``x`` that requires grad and produced them.
+    Pass ``logits`` only together with an ``x`` that requires grad and produced them (through
+    :func:`hdl.batchnorm.per_example_forward`, so batch norm in train mode stays per example).
     """
     if eps < 0:
         raise ConfigError(f"loss.robust.eps must be >= 0, got {eps!r}")
-    p = parse_norm(norm)
+    p = norm_value(norm, NORM_KEY)
     if eps == 0:
         z = model(x) if logits is None else logits
         return F.cross_entropy(z, y, reduction="none")
     if logits is None:
         x = x.detach().requires_grad_(True)
         with _double_backward_context(model):
-            logits = model(x)
+            logits = per_example_forward(model, x)
     z = logits
     batch, classes = z.shape
     gaps = z - z.gather(1, y[:, None])  # d_i, with d_y = 0
@@ -127,12 +126,12 @@ def robust_squared_error(
     """Per-example first-order worst squared error: (|y - f(x)| + eps ||grad_x f||_q)^2, (B,)."""
     if eps < 0:
         raise ConfigError(f"loss.robust.eps must be >= 0, got {eps!r}")
-    p = parse_norm(norm)
+    p = norm_value(norm, NORM_KEY)
     if eps == 0:
         return (model(x).reshape(-1) - y.reshape(-1)).pow(2)
     x = x.detach().requires_grad_(True)
     with _double_backward_context(model):
-        pred = model(x).reshape(-1)
+        pred = per_example_forward(model, x).reshape(-1)
         (grad,) = torch.autograd.grad(pred.sum(), x, create_graph=True)
     residual = (y.reshape(-1) - pred).abs()
     return (residual + eps * dual_norm(grad.flatten(1), p)).pow(2)
@@ -141,8 +140,14 @@ def robust_squared_error(
 def stable_loss(per_example_loss: Tensor, theta: Tensor, ratio: float) -> Tensor:
     """theta + mean(relu(l - theta)) / ratio: the loss on the worst ``ratio`` fraction of the batch.
 
-    By LP duality its minimum over theta is the mean of the ceil(ratio * B) largest losses
-    (CVaR). It is separable over examples, so it stays correct under DDP without a gather.
+    By LP duality its minimum over theta is the CVaR at level ``ratio`` of the B losses, with a
+    fractional last example: for sorted losses l_(1) >= l_(2) >= ... and m = ratio * B, it is
+
+        ( l_(1) + ... + l_(k) + (m - k) * l_(k+1) ) / m,    k = floor(m),
+
+    the mean of the m largest losses when m is an integer (and not, in general, the mean of the
+    ceil(m) largest). It is separable over examples, so it stays correct under DDP without a
+    gather (docs/loss.md, "The stability term").
     """
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"loss.stable.ratio must be in (0, 1], got {ratio!r}")
@@ -190,9 +195,6 @@ class SparseConfig:
         return self.l0 > 0
 
 
-ADVERSARIAL_METHODS = ("pgd", "fgsm_rs", "fgsm", "apgd")
-
-
 def _build(cls: type, values: Mapping | None, key: str):
     values = dict(values or {})
     known = {f.name for f in fields(cls)}
@@ -207,7 +209,7 @@ def _build(cls: type, values: Mapping | None, key: str):
 def _check_loss_values(robust: RobustConfig, stable: StableConfig, sparse: SparseConfig, l2: float):
     if robust.eps is None or float(robust.eps) < 0:
         raise ConfigError(f"loss.robust.eps must be >= 0, got {robust.eps!r}")
-    parse_norm(robust.norm)
+    norm_value(robust.norm, NORM_KEY)
     if robust.top_k is not None and int(robust.top_k) < 1:
         raise ConfigError(f"loss.robust.top_k must be >= 1 or null, got {robust.top_k!r}")
     if robust.method != "first_order" and robust.method not in ADVERSARIAL_METHODS:
@@ -300,7 +302,7 @@ class HolisticLoss(nn.Module):
             if r.enabled:
                 xg = x.detach().requires_grad_(True)
                 with _double_backward_context(model):
-                    logits = model(xg)
+                    logits = per_example_forward(model, xg)
                 per = robust_cross_entropy(
                     model, xg, y, float(r.eps), r.norm, r.top_k, logits=logits
                 )
@@ -314,10 +316,12 @@ class HolisticLoss(nn.Module):
         if r.enabled:
             xg = x.detach().requires_grad_(True)
             with _double_backward_context(model):
-                pred = model(xg).reshape(-1)
+                pred = per_example_forward(model, xg).reshape(-1)
                 (grad,) = torch.autograd.grad(pred.sum(), xg, create_graph=True)
             residual = (y.reshape(-1) - pred).abs()
-            per = (residual + float(r.eps) * dual_norm(grad.flatten(1), parse_norm(r.norm))).pow(2)
+            per = (
+                residual + float(r.eps) * dual_norm(grad.flatten(1), norm_value(r.norm, NORM_KEY))
+            ).pow(2)
             return per, pred
         pred = model(x).reshape(-1)
         return (pred - y.reshape(-1)).pow(2), pred
@@ -363,10 +367,16 @@ class HolisticLoss(nn.Module):
 
 
 def weight_norm_sq(model: nn.Module) -> Tensor:
-    """Squared l2 norm of the network's weights (mask logits excluded)."""
-    total = None
-    for name, p in model.named_parameters():
-        if name.endswith(".logits") or "parametrizations" in name and not name.endswith("original"):
-            continue
-        total = p.pow(2).sum() if total is None else total + p.pow(2).sum()
-    return total if total is not None else torch.zeros(())
+    """Squared l2 norm of the network's **effective** weight tensors: the weights of its Linear,
+    Conv and RNN layers as the forward pass uses them (``w * m`` under a sparsity mask), biases
+    and normalisation parameters excluded.
+
+    The penalty is on what the network computes with: a pruned weight costs nothing (its raw
+    value behind a zero mask is irrelevant), and, as usual for weight decay, biases and
+    batch-norm scales are not penalised (docs/loss.md, "The total")."""
+    from hdl.sparsity import _weight_modules
+
+    squares = [getattr(module, name).pow(2).sum() for _, module, name in _weight_modules(model)]
+    if not squares:
+        return torch.zeros((), device=next(iter(model.parameters()), torch.zeros(())).device)
+    return torch.stack(squares).sum()

@@ -2,7 +2,7 @@
 
 Each weight ``w`` of a Linear, Conv or RNN layer is reparametrized (``torch.nn.utils.parametrize``)
 as ``w * m`` with ``m = sigmoid(beta * s) / sigmoid(s0)`` (so ``m == 1`` at the start, where
-``s == s0`` and ``beta == 1``; ``s0 = 0`` gives DESIGN's ``sigmoid(0)``) while searching, and
+``s == s0`` and ``beta == 1``; ``s0 = 0`` gives the plain ``sigmoid(0)`` of docs/loss.md) while searching, and
 ``m = 1[s > 0]`` once the mask is hard. ``beta`` (the temperature) grows
 geometrically from 1 to ``final_temp`` over a search round; between rounds the logits are clipped
 to ``min(final_temp * s, init)`` so that the mask found survives ``beta`` restarting at 1
@@ -64,7 +64,7 @@ class ContinuousMask(nn.Module):
             logits = torch.full(tuple(weight), float(init))
         self.logits = nn.Parameter(logits)
         # 1 / sigmoid(s0), as in Savarese et al.'s code: the soft mask starts at exactly 1 for
-        # any init (2, i.e. 1 / sigmoid(0), for the default s0 = 0 of DESIGN)
+        # any init (2, i.e. 1 / sigmoid(0), for s0 = 0; docs/loss.md)
         self.scale = 1.0 + math.exp(-float(init))
         self.register_buffer("temperature", torch.tensor(1.0, device=logits.device))
         self.register_buffer("hard", torch.tensor(False, device=logits.device))

@@ -44,3 +44,15 @@ TINY = [
     "print_metrics=false",
     "~callbacks.progress_bar",
 ]
+
+
+def assert_robust_at_most_natural(metrics: dict) -> None:
+    """The hard invariant of robust accuracy: a point counts only when it is correct on the
+    clean input and under attack, so no attack's accuracy exceeds the natural one."""
+    from hdl.keys import natural_key, parse_metric_key
+
+    for key, value in metrics.items():
+        parsed = parse_metric_key(key)
+        if parsed and parsed.kind == "acc":
+            natural = metrics[natural_key(parsed.split, "acc")]
+            assert value <= natural + 1e-6, f"{key}={value} > natural {natural}"

@@ -348,3 +348,49 @@ def test_theta_is_rewound_and_its_optimizer_state_reset_between_rounds():
     assert seen[1][0] != seen[0][0]  # θ moved during round 0 ...
     assert seen[2][0] == theta_at_snapshot  # ... and was rewound with the weights
     assert seen[2][1] is False and seen[3][1] is True  # fresh Adam state at the round start
+
+
+# --- the L2 term: effective weights, no biases -----------------------------------------------------
+def test_l2_penalises_the_effective_weights_not_biases_or_masked_values():
+    from hdl.losses import HolisticLoss
+    from hdl.sparsity import add_masks, effective_weights, set_hard
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    add_masks(net, init=0.1)
+    with torch.no_grad():
+        net[0].parametrizations.weight.original.mul_(100.0)  # big raw values ...
+        net[0].parametrizations.weight[0].logits[:, :3].fill_(-1.0)  # ... mostly pruned
+        net[0].bias.fill_(50.0)
+    set_hard(net)
+    loss = HolisticLoss(l2=1e-3, sparse={"l0": 1e-6})
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    total, terms = loss(net, x, y)
+    eff = effective_weights(net)
+    expected = eff["0.weight"].pow(2).sum() + eff["3.weight"].pow(2).sum()
+    assert terms["l2"] == pytest.approx(float(expected), rel=1e-6)
+    raw = net[0].parametrizations.weight.original
+    assert float(terms["l2"]) < float(raw.detach().pow(2).sum())  # pruned raw weights: no cost
+    net.zero_grad()
+    total.backward()
+    grad_with = net[0].bias.grad.clone()
+    net.zero_grad()
+    HolisticLoss(sparse={"l0": 1e-6})(net, x, y)[0].backward()
+    assert torch.allclose(grad_with, net[0].bias.grad)  # biases are not penalised
+
+
+# --- the stability term's optimum is the fractional CVaR ----------------------------------------
+def test_stable_loss_minimum_is_the_fractional_cvar():
+    from hdl.losses import stable_loss
+
+    losses = torch.tensor([0.1, 2.0, 0.5, 1.5, 3.0, 0.2, 0.9, 1.1, 0.05, 2.5], dtype=torch.float64)
+    ordered = losses.sort(descending=True).values
+    for ratio in (0.25, 0.33, 0.5, 0.87):
+        m = ratio * len(losses)
+        k = math.floor(m)
+        cvar = (ordered[:k].sum() + (m - k) * ordered[k]) / m
+        thetas = torch.linspace(-1, 4, 5001, dtype=torch.float64)
+        best = min(float(stable_loss(losses, t, ratio)) for t in thetas)
+        assert best == pytest.approx(float(cvar), abs=1e-6)
+        if m != k:  # not the mean of the ceil(m) largest, which the old docstring claimed
+            assert float(ordered[: math.ceil(m)].mean()) != pytest.approx(float(cvar), abs=1e-3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hdl.train import run
-from tests.conftest import TINY, compose
+from tests.conftest import TINY, assert_robust_at_most_natural, compose
 
 # the presets' own eval radii are kept (they are part of what is tested), only PGD is shortened
 TINY_EXP = [o for o in TINY if not o.startswith("eval.eps=")]
@@ -56,6 +56,7 @@ def test_classification_experiment_presets(experiment, data, model, loss, extra,
         [*TINY_EXP, f"experiment={experiment}", f"loss={loss}", *extra, *sparse], tmp_path
     )
     m = saved["metrics"]
+    assert_robust_at_most_natural(m)
     cfg = saved["config"]
     assert cfg["data"]["name"] == data and cfg["model"]["name"] == model and saved["loss"] == loss
     assert list(cfg["eval"]["eps"]) == [0.05, 0.1]  # the preset's radii, on [0, 1] pixels

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from hdl.errors import ConfigError
 from hdl.train import run
-from tests.conftest import compose
+from tests.conftest import assert_robust_at_most_natural, compose
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = [
@@ -367,6 +367,7 @@ def test_optuna_search_maximises_the_holistic_objective(tmp_path):
         )
         assert m["objective/holistic"] == pytest.approx(expected)
         assert 0.0 <= m["val/pgd_acc@0.1"] <= 1.0
+        assert_robust_at_most_natural(m)
     best = max(trials, key=lambda t: t["metrics"]["objective/holistic"])
     assert result["best_value"] == pytest.approx(best["metrics"]["objective/holistic"])
     assert set(result["best_params"]) == {

@@ -10,7 +10,7 @@ import pytest
 
 from hdl.errors import HDLError
 from hdl.train import run
-from tests.conftest import TINY, compose
+from tests.conftest import TINY, assert_robust_at_most_natural, compose
 
 SPARSE_TINY = ["loss.sparse.rewind_epoch=0", "loss.sparse.l0=1e-3", "loss.sparse.mask_lr=0.05"]
 
@@ -29,6 +29,7 @@ def test_each_loss_preset_trains_and_writes_metrics(loss, tmp_path):
     assert saved["loss"] == loss and saved["config"]["loss"]["name"] == loss
     assert 0.0 <= m["test/acc"] <= 1.0
     assert m["test/pgd_acc@0.5"] <= m["test/pgd_acc@0.1"] + 1e-9 <= m["test/acc"] + 2e-9
+    assert_robust_at_most_natural(m)
     assert "sparsity/zero_fraction" in m and m["time/epoch_s"] > 0
     assert "torch" in saved["versions"]
     assert (tmp_path / "predictions.npz").is_file()
