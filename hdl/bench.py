@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from hdl.bench_memory import measure_peak
+from hdl.build import config_dir
 from hdl.losses import HolisticLoss, robust_cross_entropy
 from hdl.norms import norm_value
-from hdl.train import config_dir
 
 Step = Callable[[], None]
 Clock = Callable[[], float]

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from hdl.errors import ConfigError, DataError, HDLError
-from hdl.keys import format_eps, metric_key, parse_metric_key
+from hdl.keys import attack_radii, format_eps, metric_key, parse_metric_key
 from hdl.stability import load_predictions, prediction_stability, weight_stability
 
 AXES = ("accuracy", "robustness", "sparsity", "stability")
@@ -207,13 +207,7 @@ class Variant:
 def adversarial_keys(variants: Iterable[Variant], prefix: str = "test/") -> list[tuple[str, float]]:
     """(attack, eps) pairs measured under ``prefix`` (``test/``: the test loop; ``eval/``:
     ``hdl-eval``), sorted by attack then eps."""
-    found = set()
-    for v in variants:
-        for key in v.stats:
-            parsed = parse_metric_key(key)
-            if parsed and key.startswith(prefix) and parsed.kind != "mse":
-                found.add((parsed.attack, parsed.eps))
-    return sorted(found)
+    return attack_radii((k for v in variants for k in v.stats), prefix.rstrip("/"))
 
 
 def _gradient_masking(stats: Mapping[str, tuple[float, float]], kind: str, n: int) -> list[str]:
@@ -661,7 +655,7 @@ def run_compare(
     if plots:
         from hdl.plots import write_plots
 
-        files += write_plots(variants, points, out)
+        files += write_plots(variants, points, normalise_axes(points), AXES, out)
     summary["files"] = [str(f) for f in files]
     summary["markdown"] = md
     summary["header"], summary["rows"] = header, rows

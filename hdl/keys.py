@@ -9,6 +9,7 @@ the two cannot drift apart (the tests round-trip every attack, norm and radius).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 KINDS = ("acc", "rmse", "mse")  # classification accuracy, regression errors
@@ -55,3 +56,14 @@ def parse_metric_key(key: str) -> MetricKey | None:
 def natural_key(split: str, kind: str) -> str:
     """``test/acc``, ``val/mse`` ...: the metric on clean inputs."""
     return f"{split}/{kind}"
+
+
+def attack_radii(keys: Iterable[str], split: str = "test") -> list[tuple[str, float]]:
+    """The (attack, eps) pairs among ``keys`` measured under ``split`` (accuracy or RMSE keys;
+    ``mse`` duplicates of RMSE are left out), sorted by attack then eps."""
+    found = set()
+    for key in keys:
+        parsed = parse_metric_key(key)
+        if parsed and parsed.split == split and parsed.kind != "mse":
+            found.add((parsed.attack, parsed.eps))
+    return sorted(found)

@@ -1,19 +1,22 @@
 """PNG plots of a comparison (matplotlib, headless): accuracy vs eps, sparsity per layer, spread
-across splits, and a radar chart of the four holistic axes."""
+across splits, and a radar chart of the four holistic axes.
+
+A leaf module: it draws what ``hdl.compare`` hands it (variants with ``label``, ``task``,
+``stats``, ``runs`` and ``layers``; the axes and their normalised values) and imports nothing of
+``hdl`` but the metric-key helpers."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-from hdl.keys import metric_key
+from hdl.keys import attack_radii, metric_key
 
-if TYPE_CHECKING:
-    from hdl.compare import Variant
+Variant = Any  # hdl.compare.Variant (not imported: plots stays a leaf)
 
 
 def _pyplot():
@@ -37,13 +40,12 @@ def _kind(variants: Sequence[Variant]) -> str:
 
 
 def accuracy_vs_eps(variants: Sequence[Variant], path: Path) -> Path:
-    from hdl.compare import adversarial_keys
-
     plt = _pyplot()
     kind = _kind(variants)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for attack in sorted({a for a, _ in adversarial_keys(variants)} - {"square"}):
-        radii = sorted(e for a, e in adversarial_keys(variants) if a == attack)
+    measured = attack_radii(k for v in variants for k in v.stats)
+    for attack in sorted({a for a, _ in measured} - {"square"}):
+        radii = sorted(e for a, e in measured if a == attack)
         for v in variants:
             keys = [f"test/{kind}"] + [metric_key("test", attack, kind, e) for e in radii]
             stats = [v.stats.get(k, (math.nan, math.nan)) for k in keys]
@@ -96,16 +98,20 @@ def spread_across_splits(variants: Sequence[Variant], path: Path) -> Path:
     return _save(fig, path)
 
 
-def radar(points: Mapping[str, Mapping[str, float]], path: Path) -> Path:
-    """The four axes per variant, outer is better. Classification axes are all in [0, 1] and
-    are drawn as they are (differences are not exaggerated); otherwise each axis is min-max
-    scaled over the variants."""
-    from hdl.compare import AXES, normalise_axes
-
+def radar(
+    points: Mapping[str, Mapping[str, float]],
+    normalised: Mapping[str, Mapping[str, float]],
+    axes: Sequence[str],
+    path: Path,
+) -> Path:
+    """The axes per variant, outer is better. Classification axes are all in [0, 1] and are
+    drawn as they are (differences are not exaggerated); otherwise the ``normalised`` values
+    (each axis min-max scaled over the variants) are drawn."""
+    AXES = tuple(axes)
     plt = _pyplot()
     values = [p.get(a, math.nan) for p in points.values() for a in AXES]
     raw = all(0.0 <= v <= 1.0 for v in values if math.isfinite(v))
-    shown = points if raw else normalise_axes(points)
+    shown = points if raw else normalised
     angles = np.linspace(0, 2 * np.pi, len(AXES), endpoint=False).tolist()
     fig, ax = plt.subplots(figsize=(6, 5.5), subplot_kw={"polar": True})
     for label, p in shown.items():
@@ -122,11 +128,15 @@ def radar(points: Mapping[str, Mapping[str, float]], path: Path) -> Path:
 
 
 def write_plots(
-    variants: Sequence[Variant], points: Mapping[str, Mapping[str, float]], out: Path
+    variants: Sequence[Variant],
+    points: Mapping[str, Mapping[str, float]],
+    normalised: Mapping[str, Mapping[str, float]],
+    axes: Sequence[str],
+    out: Path,
 ) -> list[Path]:
     return [
         accuracy_vs_eps(variants, out / "accuracy_vs_eps.png"),
         sparsity_per_layer(variants, out / "sparsity_per_layer.png"),
         spread_across_splits(variants, out / "spread_across_splits.png"),
-        radar(points, out / "axes_radar.png"),
+        radar(points, normalised, axes, out / "axes_radar.png"),
     ]

@@ -21,7 +21,7 @@ def compose(overrides: list[str], run_dir=None):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from hdl.train import config_dir
+    from hdl.build import config_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from hdl.train import config_dir
+from hdl.build import config_dir
 from tests.conftest import TINY, compose
 
 CONF = Path(config_dir())

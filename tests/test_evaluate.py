@@ -10,13 +10,9 @@ import torch
 from torch import nn
 
 from hdl.errors import ConfigError
-from hdl.evaluate import (
-    evaluate_run,
-    parse_attack,
-    robustness,
-    sanity_checks,
-    sparsity_report,
-)
+from hdl.evaluate import evaluate_run
+from hdl.robustness import parse_attack, robustness, sanity_checks
+from hdl.sparsity_report import sparsity_report
 from tests.test_train import run_in_process
 
 

@@ -69,7 +69,7 @@ def test_robust_accuracy_counts_clean_and_attacked(attack, cumulative):
 
 
 def test_hdl_eval_robustness_counts_clean_and_attacked():
-    from hdl.evaluate import robustness
+    from hdl.robustness import robustness
 
     model, x, y = _lying_case()
     res = robustness(model, x, y, attacks=["pgd", "fgsm"], eps=[0.1], l2_eps=[], steps=10)
@@ -174,7 +174,7 @@ def test_one_norm_parser_for_loss_and_attacks():
 
 # --- metric keys: one format, one parser, every attack ------------------------------------------------
 def _every_attack_label():
-    from hdl.evaluate import attack_label
+    from hdl.robustness import attack_label
 
     labels = [name for name in ATTACKS]  # the test loop's names
     labels += [attack_label(name, norm) for name, spec in ATTACKS.items() for norm in spec.norms]
@@ -192,7 +192,7 @@ def test_metric_key_round_trip(label):
 
 
 def test_hdl_eval_attack_names_parse_back():
-    from hdl.evaluate import attack_label, parse_attack
+    from hdl.robustness import attack_label, parse_attack
 
     for name, spec in ATTACKS.items():
         for norm in spec.norms:
@@ -203,7 +203,7 @@ def test_hdl_eval_attack_names_parse_back():
 
 def test_compare_keeps_every_hdl_eval_column():
     from hdl.compare import Variant, _eval_metrics, adversarial_keys
-    from hdl.evaluate import attack_label
+    from hdl.robustness import attack_label
 
     robustness = {
         attack_label(name, norm): {"0": {"accuracy": 0.9}, "0.1": {"accuracy": 0.5}}
@@ -223,7 +223,7 @@ def test_non_metric_keys_do_not_parse():
 
 # --- unused inputs of a bidirectional RNN --------------------------------------------------------
 def test_unused_inputs_read_both_directions_of_a_bidirectional_rnn():
-    from hdl.evaluate import unused_inputs
+    from hdl.sparsity_report import unused_inputs
 
     rnn = nn.LSTM(5, 4, bidirectional=True, batch_first=True)
     with torch.no_grad():
@@ -285,7 +285,8 @@ def test_square_queries_reach_torchattacks():
 def test_hdl_eval_runs_square_at_every_eps_with_5000_queries():
     import inspect
 
-    from hdl.evaluate import evaluate_run, robustness
+    from hdl.evaluate import evaluate_run
+    from hdl.robustness import robustness
 
     for fn in (evaluate_run, robustness):
         assert inspect.signature(fn).parameters["square_queries"].default >= 5000

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hdl.train import run
+from hdl.runner import run
 from tests.conftest import TINY, assert_robust_at_most_natural, compose
 
 # the presets' own eval radii are kept (they are part of what is tested), only PGD is shortened

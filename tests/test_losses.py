@@ -208,8 +208,8 @@ def test_adversarial_training_loss_is_above_natural_loss(batch, method):
 def test_adversarial_presets_compose_with_stable_and_sparse(batch, preset):
     from omegaconf import OmegaConf
 
+    from hdl.build import config_dir
     from hdl.sparsity import add_masks
-    from hdl.train import config_dir
 
     node = OmegaConf.to_container(OmegaConf.load(f"{config_dir()}/loss/{preset}.yaml"))
     assert node.pop("name") == preset

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from hdl.errors import ConfigError
-from hdl.train import run
+from hdl.runner import run
 from tests.conftest import assert_robust_at_most_natural, compose
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ def test_gpu_claims_follow_job_number_and_exclude_each_other(tmp_path):
 
 
 def test_gpu_per_job_preset_needs_a_gpu_and_is_not_a_trainer_argument(tmp_path):
-    from hdl.train import trainer_settings
+    from hdl.build import trainer_settings
 
     cfg = compose(["trainer=gpu_per_job"], tmp_path)
     assert cfg.trainer.gpu_per_job is True

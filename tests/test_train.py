@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hdl.errors import HDLError
-from hdl.train import run
+from hdl.runner import run
 from tests.conftest import TINY, assert_robust_at_most_natural, compose
 
 SPARSE_TINY = ["loss.sparse.rewind_epoch=0", "loss.sparse.l0=1e-3", "loss.sparse.mask_lr=0.05"]

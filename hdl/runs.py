@@ -1,0 +1,70 @@
+"""Loading a finished (or stopped) run from disk: its directory, checkpoint, config, data split
+exactly as in training, and the module with the checkpoint's weights. Used by ``hdl-eval``
+and the other commands that work on a run after training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hdl.errors import DataError
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    checkpoint: Path
+    cfg: DictConfig
+    data: Any  # the run's data module, arrays loaded and split exactly as in training
+    module: Any  # HolisticModule with the checkpoint's weights, in eval mode
+
+
+def find_run(path: str | Path) -> tuple[Path, Path]:
+    """(run dir, checkpoint) from a run dir (uses ``checkpoints/last.ckpt``) or a ``.ckpt``."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise DataError(f"{path}: no checkpoints/last.ckpt in this run directory")
+        return path, ckpt
+    raise DataError(f"{path}: not a run directory or a .ckpt file")
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The run's config: the resolved copy in ``metrics.json`` (written at the end of a run),
+    else ``.hydra/config.yaml`` (a run stopped before it finished), with its ``${hydra:...}``
+    interpolations pointed at ``run_dir``."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        return OmegaConf.create(json.loads(metrics.read_text())["config"])
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.is_file():
+        from hydra.core.utils import setup_globals
+
+        setup_globals()  # the ${now:...} resolver
+        text = hydra_cfg.read_text().replace("${hydra:runtime.output_dir}", str(run_dir))
+        return OmegaConf.create(text)
+    raise DataError(
+        f"{run_dir}: neither metrics.json nor .hydra/config.yaml holds the run's config"
+    )
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild a run's data and model from its saved config and load its checkpoint."""
+    from hdl.build import build
+
+    run_dir, ckpt = find_run(path)
+    cfg = run_config(run_dir)
+    data, module = build(cfg)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    module.to(device).eval()
+    return LoadedRun(run_dir, ckpt, cfg, data, module)
