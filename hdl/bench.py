@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from hdl.bench_memory import measure_peak
-from hdl.build import config_dir
+from hdl.build import config_dir, load_preset
 from hdl.losses import HolisticLoss, robust_cross_entropy
 from hdl.norms import norm_value
 
@@ -47,7 +47,7 @@ def build_model(preset: Any, classes: int) -> nn.Module:
     """conf/model/<preset.config>.yaml with the preset's overrides."""
     from hydra.utils import instantiate
 
-    node = OmegaConf.load(Path(config_dir()) / "model" / f"{preset.config}.yaml")
+    node = OmegaConf.create(load_preset("model", preset.config))
     node = OmegaConf.merge(node, preset.get("overrides") or {})
     node = OmegaConf.to_container(node, resolve=True)
     node.pop("name", None)
@@ -57,7 +57,7 @@ def build_model(preset: Any, classes: int) -> nn.Module:
 def build_loss(spec: Any, input_range: Any = None) -> HolisticLoss:
     """conf/loss/<spec.preset>.yaml with the spec's other keys merged over it."""
     spec = OmegaConf.create(OmegaConf.to_container(spec, resolve=True))
-    node = OmegaConf.load(Path(config_dir()) / "loss" / f"{spec.pop('preset')}.yaml")
+    node = OmegaConf.create(load_preset("loss", spec.pop("preset")))
     node = OmegaConf.to_container(OmegaConf.merge(node, spec), resolve=True)
     rng = tuple(input_range) if input_range is not None else None
     return HolisticLoss(task="classification", input_range=rng, **node)
@@ -182,7 +182,7 @@ def bench_variants(cfg: DictConfig, device: torch.device, clock: Clock) -> list[
 def bench_scaling(cfg: DictConfig, device: torch.device, clock: Clock) -> list[dict[str, Any]]:
     """Exact and top-k (l_inf) step cost vs plain CE for an MLP at each classes x input size."""
     s = cfg.scaling
-    eps = float(OmegaConf.load(Path(config_dir()) / "loss" / "robust.yaml").robust.eps)
+    eps = float(load_preset("loss", "robust")["robust"]["eps"])
     rows = []
     for classes in s.classes:
         for size in s.input_sizes:
@@ -226,7 +226,7 @@ def bench_exact_options(
 
     preset = cfg.presets[cfg.preset]
     classes = int(cfg.classes)
-    eps = float(OmegaConf.load(Path(config_dir()) / "loss" / "robust.yaml").robust.eps)
+    eps = float(load_preset("loss", "robust")["robust"]["eps"])
     p = norm_value(cfg.exact_options.norm, "exact_options.norm")
     torch.manual_seed(int(cfg.seed))
     base = build_model(preset, classes).to(device)

@@ -19,6 +19,25 @@ def config_dir() -> str:
     return str(packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf")
 
 
+def load_preset(group: str, name: str) -> dict[str, Any]:
+    """A config group's preset as a plain dict, composed by Hydra (so a preset that extends
+    another through its ``defaults:`` list comes out whole), e.g. ``load_preset("loss", "robust")``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (Path(config_dir()) / group / f"{name}.yaml").is_file():
+        raise ConfigError(f"{group}={name}: no such preset in {config_dir()}/{group}")
+    hydra = GlobalHydra.instance()
+    was_initialised = hydra.is_initialized()
+    if not was_initialised:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(f"{group}/{name}")
+    else:  # inside a running Hydra app: use its config search path
+        cfg = compose(f"{group}/{name}")
+    node = cfg[group] if group in cfg else cfg
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def instantiate(node: Any, key: str, drop_name: bool = False, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` with errors that name the config key; ``drop_name`` removes
     the ``name`` label that data and model presets carry for run names."""

@@ -11,7 +11,7 @@ from tests.conftest import TINY, compose
 
 CONF = Path(config_dir())
 GROUPS = {
-    p.parent.name: sorted(q.stem for q in p.parent.glob("*.yaml"))
+    p.parent.name: sorted(q.stem for q in p.parent.glob("*.yaml") if not q.stem.startswith("_"))
     for p in CONF.glob("*/*.yaml")
     if p.parent.name not in ("hydra", "hparams_search")
 }
@@ -59,3 +59,20 @@ def test_sklearn_data_presets_instantiate(name):
 def test_tiny_overrides_compose(tmp_path):
     cfg = compose(TINY + ["loss=holistic"], tmp_path)
     assert cfg.trainer.max_epochs == 3
+
+
+@pytest.mark.parametrize("group, base", [("loss", "baseline"), ("data", "_splits")])
+def test_presets_extend_one_base_instead_of_copying_it(group, base):
+    """Loss presets extend baseline (the schema) and data presets the shared split keys, through
+    Hydra's defaults list; each composes to the base's keys plus its own."""
+    import yaml
+
+    from hdl.build import load_preset
+
+    base_keys = set(yaml.safe_load((CONF / group / f"{base}.yaml").read_text()))
+    for name in GROUPS[group]:
+        if name == base:
+            continue
+        text = yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+        assert text.get("defaults"), f"{group}/{name}.yaml does not extend a base"
+        assert base_keys <= set(load_preset(group, name)), name

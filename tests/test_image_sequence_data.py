@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from hdl.build import load_preset
 from hdl.data.images import DigitsImages, MnistSubset, TorchvisionImages, limit_examples
 from hdl.data.sequences import DigitsRows, MnistRows, NoisySine, SequenceCSV
 from hdl.errors import ConfigError, DataError
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 def split_ids(dm) -> dict[str, set[int]]:
@@ -242,7 +240,7 @@ def test_sequence_csv_regression(tmp_path):
 
 def test_sequence_csv_from_its_config(tmp_path):
     path = write_csv(tmp_path / "seq.csv")
-    node = OmegaConf.to_container(OmegaConf.load(CONF / "sequence_csv.yaml"))
+    node = load_preset("data", "sequence_csv")
     assert node.pop("name") == "sequence_csv" and node["path"] == "???"
     node["path"] = str(path)
     dm = instantiate(node)
@@ -302,7 +300,7 @@ def test_sequence_csv_config_errors(tmp_path):
     ],
 )
 def test_data_presets_instantiate(preset, shape, limit):
-    node = OmegaConf.to_container(OmegaConf.load(CONF / f"{preset}.yaml"), resolve=True)
+    node = load_preset("data", preset)
     assert node.pop("name") == preset
     if limit is not None:
         node["limit"] = limit
@@ -314,7 +312,7 @@ def test_data_presets_instantiate(preset, shape, limit):
 @pytest.mark.parametrize("preset", ["mnist", "fashion_mnist", "cifar10"])
 def test_torchvision_presets_read_hdl_data_root(tmp_path, monkeypatch, preset):
     monkeypatch.setenv("HDL_DATA_ROOT", str(tmp_path))
-    node = OmegaConf.to_container(OmegaConf.load(CONF / f"{preset}.yaml"), resolve=True)
+    node = load_preset("data", preset)
     assert node.pop("name") == preset and node["root"] == str(tmp_path)
     dm = instantiate(node)
     with pytest.raises(DataError, match=re.escape(str(tmp_path))):

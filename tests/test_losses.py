@@ -206,12 +206,10 @@ def test_adversarial_training_loss_is_above_natural_loss(batch, method):
 
 @pytest.mark.parametrize("preset", ["pgd_at", "fgsm_at", "holistic_pgd"])
 def test_adversarial_presets_compose_with_stable_and_sparse(batch, preset):
-    from omegaconf import OmegaConf
-
-    from hdl.build import config_dir
+    from hdl.build import load_preset
     from hdl.sparsity import add_masks
 
-    node = OmegaConf.to_container(OmegaConf.load(f"{config_dir()}/loss/{preset}.yaml"))
+    node = load_preset("loss", preset)
     assert node.pop("name") == preset
     loss = HolisticLoss(**node)
     assert loss.robust.method in ("pgd", "fgsm_rs")

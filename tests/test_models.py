@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
+from hdl.build import load_preset
 from hdl.errors import ConfigError
 from hdl.models.cnn import CNN, Normalize
 from hdl.models.rnn import RNN, sequence_shape
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 CNN_PRESETS = ["cnn", "cnn_vgg3", "cnn_alexnet"]
 RNN_PRESETS = ["rnn", "gru", "elman"]
 
 
 def build(preset: str, input_shape, num_outputs: int, **overrides) -> nn.Module:
     """Instantiate a conf/model preset the way the trainer does (``name`` popped)."""
-    node = OmegaConf.to_container(OmegaConf.load(CONF / f"{preset}.yaml"), resolve=True)
+    node = load_preset("model", preset)
     assert node.pop("name") == preset
     node.update(overrides)
     return instantiate(node, input_shape=list(input_shape), num_outputs=num_outputs)

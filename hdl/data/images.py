@@ -66,7 +66,8 @@ class ImageDataModule(ArrayDataModule):
 
     @property
     def input_range(self) -> tuple[float, float] | None:
-        return None if self.standardize else (0.0, 1.0)
+        """Pixels in [0, 1] (or the declared ``data.input_range``); None when standardised."""
+        return None if self.standardize else (self.declared_range or (0.0, 1.0))
 
 
 class DigitsImages(ImageDataModule):
