@@ -90,23 +90,22 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def build_callbacks(cfg: DictConfig, loss) -> list:
-    from hdl.callbacks import EpochTimer, RNGState, ShuffleEpoch
+    """The configured callbacks, then the ones every run has: the sparsity schedule (when the
+    term is on), model selection on validation, the epoch timer, RNG state and shuffling."""
+    from hdl.budget import Budget, SelectConfig
+    from hdl.callbacks import EpochTimer, RNGState, SelectBest, ShuffleEpoch
+    from hdl.config import plain
 
-    callbacks = [
-        instantiate(node, f"callbacks.{key}") for key, node in (cfg.get("callbacks") or {}).items()
+    callbacks = [  # a callback set to null in a config (or on the command line) is left out
+        instantiate(node, f"callbacks.{key}")
+        for key, node in (cfg.get("callbacks") or {}).items()
+        if node is not None
     ]
     if loss.sparse.enabled:
-        from hdl.sparsity import SparsityCallback
-
-        s = loss.sparse
-        callbacks.append(
-            SparsityCallback(
-                search_rounds=int(s.search_rounds),
-                rewind_epoch=int(s.rewind_epoch),
-                final_temp=float(s.final_temp),
-                mask_init=float(s.mask_init),
-            )
-        )
+        budget = Budget.from_mapping(plain(cfg.get("budget")))
+        callbacks.append(loss.sparse.callback(budget.min_round_steps))
+    select = SelectConfig.from_mapping(plain(cfg.get("select")))
+    callbacks.append(SelectBest(select.monitor, select.mode, select.patience))
     callbacks += [EpochTimer(), RNGState(), ShuffleEpoch()]
     return callbacks
 
@@ -161,12 +160,19 @@ def _hydra_job() -> tuple[bool, int]:
 def trainer_settings(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
     """The trainer node as keyword arguments, and the GPU claim it holds (or None).
 
+    A step budget (``budget.steps``) replaces the epoch budget: ``max_steps``, unlimited
+    epochs, validation every ``total / budget.val_checks`` steps (:class:`hdl.budget.Budget`).
+
     ``trainer.gpu_per_job: true`` (preset ``trainer=gpu_per_job``) pins this job to one free
     GPU of the machine, so a sweep run by joblib / submitit-local puts one job on each GPU.
     """
+    from hdl.budget import Budget
+    from hdl.config import plain
     from hdl.launch import check_ddp_launch, claim_gpu
 
     node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    search_rounds = OmegaConf.select(cfg, "loss.sparse.search_rounds", default=0) or 0
+    node.update(Budget.from_mapping(plain(cfg.get("budget"))).trainer_overrides(search_rounds))
     multirun, job_num = _hydra_job()
     check_ddp_launch(node, multirun)
     claim = None

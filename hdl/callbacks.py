@@ -101,3 +101,91 @@ class ShuffleEpoch(pl.Callback):
         loader = trainer.train_dataloader
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(trainer.current_epoch)
+
+
+class SelectBest(pl.Callback):
+    """Model selection on validation: keeps the weights of the best validation check (by
+    ``select.monitor``), counting only checks in the final, hard-mask sparsity round for sparse
+    runs (earlier rounds train a different, soft-masked network). With ``patience``, stops
+    training after that many final-round checks without improvement. The chosen weights are
+    part of the callback's state, so a resumed run keeps them; :meth:`selected` says which step
+    they come from. The test split is never read here."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int | None = None):
+        super().__init__()
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict | None = None
+        self.checks = 0
+        self.stale = 0
+
+    @staticmethod
+    def _eligible(trainer: pl.Trainer) -> bool:
+        from hdl.sparsity import SparsityCallback
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, SparsityCallback):
+                return cb.in_final_round()
+        return True
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._eligible(trainer):
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            from hdl.errors import ConfigError
+
+            raise ConfigError(f"select.monitor={self.monitor} is not a logged validation metric")
+        value = float(value)
+        self.checks += 1
+        if self._better(value):
+            self.best, self.best_step, self.best_epoch = (
+                value,
+                trainer.global_step,
+                trainer.current_epoch,
+            )
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
+            }
+            self.stale = 0
+        else:
+            self.stale += 1
+            if self.patience is not None and self.stale >= self.patience:
+                trainer.should_stop = True
+
+    def selected(self) -> dict:
+        """Which model is evaluated: the step, epoch and monitored value of the chosen check."""
+        if self.best_state is None:
+            return {"monitor": self.monitor, "step": None, "reason": "no eligible validation check"}
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "value": self.best,
+            "step": self.best_step,
+            "epoch": self.best_epoch,
+            "checks": self.checks,
+            "stopped_early": self.patience is not None and self.stale >= self.patience,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "checks": self.checks,
+            "stale": self.stale,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for key in ("best", "best_step", "best_epoch", "best_state"):
+            setattr(self, key, state_dict.get(key))
+        self.checks = int(state_dict.get("checks", 0))
+        self.stale = int(state_dict.get("stale", 0))

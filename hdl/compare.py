@@ -99,6 +99,17 @@ def load_run(run_dir: Path) -> Run:
         report = json.loads(eval_file.read_text())
         metrics |= _eval_metrics(report)
         warnings += report.get("warnings", [])
+    verify_file = run_dir / "verify.json"
+    if (
+        verify_file.is_file()
+    ):  # hdl-verify: certified accuracy, eval/ibp_acc@eps, eval/crown_acc@eps
+        report = json.loads(verify_file.read_text())
+        metrics |= {
+            k: float(v)
+            for k, v in report.get("metrics", {}).items()
+            if (p := parse_metric_key(k)) and p.attack in ("ibp", "crown")  # hdl.bounds
+        }
+        warnings += report.get("warnings", [])
     run_path = str(run_dir)
     config = {
         k: v
@@ -316,7 +327,8 @@ def aggregate(label: str, runs: list[Run]) -> Variant:
     keys = sorted({k for r in runs for k in r.metrics})
     stats = {k: mean_std([r.metrics.get(k, math.nan) for r in runs]) for k in keys}
     task = runs[0].task
-    warnings = sorted({w for r in runs for w in r.warnings})
+    # a run's own flags (collapse on validation or test) are warnings of its variant
+    warnings = sorted({w for r in runs for w in [*r.warnings, *r.meta.get("flags", [])]})
     stability, found = measure_stability(runs, task)
     warnings += found
     layers: dict[str, list[float]] = {}
@@ -542,15 +554,19 @@ def table_rows(variants: Sequence[Variant]) -> tuple[list[str], list[list[str]],
     header = ["variant", "runs", "test acc %" if kind == "acc" else "test RMSE"]
     unit = " %" if kind == "acc" else ""
     header += [f"{_attack_title(a, variants)} {kind}@{format_eps(e)}{unit}" for a, e in adv]
-    evals = adversarial_keys(variants, prefix="eval/")
+    found = adversarial_keys(variants, prefix="eval/")
+    bounds = ("ibp", "crown")  # hdl-verify's certified accuracy (hdl.bounds), not attacks
+    evals = [(a, e) for a, e in found if a not in bounds]
     header += [f"eval {a} {kind}@{format_eps(e)}{unit}" for a, e in evals]
+    certified = [(a, e) for a, e in found if a in bounds]
+    header += [f"certified {a} {kind}@{format_eps(e)}{unit}" for a, e in certified]
     columns = STABILITY_COLUMNS["classification" if kind == "acc" else "regression"]
     header += ["zero weights %", "stability over", *(c[0] for c in columns), "s/epoch"]
     rows, records = [], []
     pct = kind == "acc"
     for v in variants:
         row = [v.label, str(len(v.runs)), _fmt(*v.stats.get(f"test/{kind}", (math.nan, 0)), pct)]
-        for split, pairs in (("test", adv), ("eval", evals)):
+        for split, pairs in (("test", adv), ("eval", evals), ("eval", certified)):
             row += [
                 _fmt(*v.stats.get(metric_key(split, a, kind, e), (math.nan, 0)), pct)
                 for a, e in pairs
@@ -685,6 +701,62 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print("wrote " + ", ".join(summary["files"]))
 
 
+def run_selection(
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    criterion: str = "pgd",
+    eps: float = 0.1,
+    tolerance: float = 0.01,
+) -> dict[str, Any]:
+    """The protocol over a sweep (hdl.selection): per problem and split, the configuration
+    chosen on validation vs the baseline, on test; writes ``selection.md`` / ``selection.json``."""
+    from hdl.selection import markdown, run_protocol, summarise
+
+    runs = discover(paths)
+    attacks = {r.config.get("eval.attack", "pgd") for r in runs}
+    attack = sorted(attacks)[0]
+    protocol = run_protocol(runs, criterion=criterion, attack=attack, eps=eps, tolerance=tolerance)
+    if not protocol:
+        raise DataError(
+            f"no split has a baseline run (loss.name == baseline) next to its grid under {paths}"
+        )
+    first = Path(paths[0])
+    out = Path(out) if out else (first / "comparison" if first.is_dir() else Path("comparison"))
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(protocol, attack, eps)
+    detail = {
+        problem: {
+            "summary": summarise(results, attack, eps),
+            "splits": [vars(r) for r in results],
+        }
+        for problem, results in protocol.items()
+    }
+    summary = {
+        "criterion": criterion,
+        "attack": attack,
+        "eps": eps,
+        "tolerance": tolerance,
+        "problems": detail,
+    }
+    (out / "selection.md").write_text(md)
+    (out / "selection.json").write_text(json.dumps(_strict(summary), indent=2))
+    summary["markdown"] = md
+    summary["files"] = [str(out / "selection.md"), str(out / "selection.json")]
+    return summary
+
+
+def _strict(value: Any) -> Any:
+    """JSON without NaN (null instead): strict parsers reject NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hdl-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -696,13 +768,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="weights of the axes accuracy, robustness, sparsity, stability, e.g. robustness=2,sparsity=1",
     )
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="the protocol: per split, choose the configuration on validation and report its "
+        "test numbers against the baseline (selection.md)",
+    )
+    parser.add_argument("--criterion", default="pgd", choices=["pgd", "acc", "objective"])
+    parser.add_argument("--select-eps", type=float, default=0.1, help="radius of the criterion")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.01, help="val accuracy below the baseline's allowed"
+    )
     args = parser.parse_args(argv)
     try:
         summary = run_compare(args.paths, args.out, args.prefer, plots=not args.no_plots)
+        selection = None
+        if args.select:
+            selection = run_selection(
+                args.paths,
+                args.out,
+                criterion=args.criterion,
+                eps=args.select_eps,
+                tolerance=args.tolerance,
+            )
     except HDLError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print_summary(summary)
+    if selection is not None:
+        print(selection["markdown"])
+        print("wrote " + ", ".join(selection["files"]))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from hdl.budget import Budget, SelectConfig
 from hdl.errors import ConfigError
 from hdl.eval_config import EvalConfig
-from hdl.losses import SparseConfig
 
 REQUIRED_GROUPS = ("data", "model", "loss", "optimizer", "trainer", "eval")
 
@@ -41,6 +41,11 @@ def _missing_value(cfg: DictConfig) -> str | None:
     return walk(cfg, "")
 
 
+def plain(node):
+    """A config node as plain containers (resolved); anything else as it is."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
 def validate(cfg: DictConfig) -> None:
     missing = _missing_value(cfg)
     if missing:
@@ -59,17 +64,13 @@ def validate(cfg: DictConfig) -> None:
 
     EvalConfig.from_mapping(OmegaConf.to_container(cfg.eval, resolve=True))
 
+    budget = Budget.from_mapping(plain(cfg.get("budget")))
+    SelectConfig.from_mapping(plain(cfg.get("select")))
     epochs = cfg.trainer.get("max_epochs")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"trainer.max_epochs must be a positive integer, got {epochs!r}")
-    sparse = (cfg.loss.get("sparse") or {}) if isinstance(cfg.loss, DictConfig) else {}
-    if sparse and float(sparse.get("l0", 0) or 0) > 0:
-        rounds = int(sparse.get("search_rounds", SparseConfig.search_rounds)) + 1
-        if epochs < rounds:
-            raise ConfigError(
-                f"trainer.max_epochs={epochs} is fewer than the sparse schedule's {rounds} rounds "
-                "(loss.sparse.search_rounds + 1)"
-            )
+    if budget.steps is None and (not isinstance(epochs, int) or epochs < 1):
+        raise ConfigError(
+            f"trainer.max_epochs must be a positive integer (or set budget.steps), got {epochs!r}"
+        )
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")

@@ -5,7 +5,7 @@ l_p ball of radius eps is d_i + eps * ||grad_x d_i||_q (q the dual norm), and
 
     robust CE  = log sum_i exp(d_i + eps ||grad_x d_i||_q)     (the i = y term is 0)
     stable     = theta + mean_b relu(l_b - theta) / ratio       (CVaR at level ratio)
-    total      = mean_or_stable(l_b) + l0 * sum(masks) + l2 * ||w||^2
+    total      = mean_or_stable(l_b) + l0 * mean(masks) + l2 * ||w * m||^2
 
 Under batch norm in train mode, grad_x d_i is that of each example's own function with the batch
 statistics held fixed: mean and variance are the batch's (they carry the weight gradient, the
@@ -28,8 +28,10 @@ from torch import Tensor, nn
 
 from hdl.attacks import ADVERSARIAL_METHODS
 from hdl.batchnorm import per_example_forward
+from hdl.bounds import CERTIFIED_METHODS
 from hdl.errors import ConfigError
 from hdl.norms import norm_value
+from hdl.sparsity import SparseConfig
 
 NORM_KEY = "loss.robust.norm"
 
@@ -165,6 +167,9 @@ class RobustConfig:
     method: str = "first_order"  # first_order | an attack name for adversarial training
     steps: int = 7  # adversarial training: attack steps
     step_size: float | None = None
+    # certified training (method ibp | crown_ibp; hdl/bounds.py, docs/verification.md):
+    kappa: float = 0.5  # final weight of the natural CE, kappa * CE_nat + (1 - kappa) * CE_cert
+    ramp_steps: int = 0  # training steps over which eps grows linearly from 0 (0: no ramp)
 
     @property
     def enabled(self) -> bool:
@@ -179,20 +184,6 @@ class StableConfig:
     @property
     def enabled(self) -> bool:
         return self.ratio is not None
-
-
-@dataclass
-class SparseConfig:
-    l0: float = 0.0  # weight of the L0 surrogate penalty; 0: no masks at all
-    final_temp: float = 200.0
-    search_rounds: int = 1
-    rewind_epoch: int = 1
-    mask_init: float = 0.1  # > 0: noise around the threshold 1[s > 0] must not prune
-    mask_lr: float | None = None  # learning rate of the mask logits (None: the optimizer's)
-
-    @property
-    def enabled(self) -> bool:
-        return self.l0 > 0
 
 
 def _build(cls: type, values: Mapping | None, key: str):
@@ -212,23 +203,27 @@ def _check_loss_values(robust: RobustConfig, stable: StableConfig, sparse: Spars
     norm_value(robust.norm, NORM_KEY)
     if robust.top_k is not None and int(robust.top_k) < 1:
         raise ConfigError(f"loss.robust.top_k must be >= 1 or null, got {robust.top_k!r}")
-    if robust.method != "first_order" and robust.method not in ADVERSARIAL_METHODS:
+    methods = (*ADVERSARIAL_METHODS, *CERTIFIED_METHODS)
+    if robust.method != "first_order" and robust.method not in methods:
         raise ConfigError(
-            f"loss.robust.method must be first_order or one of {', '.join(ADVERSARIAL_METHODS)}, "
+            f"loss.robust.method must be first_order or one of {', '.join(methods)}, "
             f"got {robust.method!r}"
         )
+    if robust.method in CERTIFIED_METHODS:
+        if norm_value(robust.norm, NORM_KEY) != math.inf:
+            raise ConfigError(
+                f"loss.robust.norm must be inf for certified training ({robust.method}), "
+                f"got {robust.norm!r}"
+            )
+        if not 0.0 <= float(robust.kappa) <= 1.0:
+            raise ConfigError(f"loss.robust.kappa must be in [0, 1], got {robust.kappa!r}")
+        if int(robust.ramp_steps) < 0:
+            raise ConfigError(f"loss.robust.ramp_steps must be >= 0, got {robust.ramp_steps!r}")
     if int(robust.steps) < 1:
         raise ConfigError(f"loss.robust.steps must be >= 1, got {robust.steps!r}")
     if stable.ratio is not None and not 0.0 < float(stable.ratio) <= 1.0:
         raise ConfigError(f"loss.stable.ratio must be in (0, 1], got {stable.ratio!r}")
-    if float(sparse.l0) < 0:
-        raise ConfigError(f"loss.sparse.l0 must be >= 0, got {sparse.l0!r}")
-    if float(sparse.final_temp) < 1:
-        raise ConfigError(f"loss.sparse.final_temp must be >= 1, got {sparse.final_temp!r}")
-    if int(sparse.search_rounds) < 0:
-        raise ConfigError(f"loss.sparse.search_rounds must be >= 0, got {sparse.search_rounds!r}")
-    if int(sparse.rewind_epoch) < 0:
-        raise ConfigError(f"loss.sparse.rewind_epoch must be >= 0, got {sparse.rewind_epoch!r}")
+    sparse.check()
     if float(l2) < 0:
         raise ConfigError(f"loss.l2 must be >= 0, got {l2!r}")
 
@@ -273,6 +268,8 @@ class HolisticLoss(nn.Module):
             if self.stable.enabled
             else None
         )
+        if self.robust.method in CERTIFIED_METHODS:  # training progress of the eps ramp
+            self.register_buffer("cert_step", torch.zeros((), dtype=torch.long))
 
     @property
     def is_baseline(self) -> bool:
@@ -282,6 +279,22 @@ class HolisticLoss(nn.Module):
         """Per-example (robust) loss and the natural logits/predictions of the batch."""
         r = self.robust
         if self.task == "classification":
+            if r.enabled and r.method in CERTIFIED_METHODS:  # IBP / CROWN-IBP (hdl/bounds.py)
+                from hdl.bounds import certified_cross_entropy, ramp
+
+                per, logits = certified_cross_entropy(
+                    model,
+                    x,
+                    y,
+                    eps=float(r.eps),
+                    method=r.method,
+                    kappa=float(r.kappa),
+                    progress=ramp(int(self.cert_step), int(r.ramp_steps)),
+                    input_range=self.input_range,
+                )
+                if self.training:
+                    self.cert_step += 1
+                return per, logits
             if r.enabled and r.method != "first_order":
                 from hdl.attacks import perturb  # adversarial training: loss on attacked inputs
 
@@ -351,9 +364,9 @@ class HolisticLoss(nn.Module):
         if self.sparse.enabled:
             from hdl.sparsity import l0_penalty
 
-            mask_sum = l0_penalty(model)
-            total = total + self.sparse.l0 * mask_sum
-            terms["l0"] = mask_sum.detach()
+            mask_mean = l0_penalty(model)
+            total = total + self.sparse.l0 * mask_mean
+            terms["l0"] = mask_mean.detach()
         if self.l2:
             sq = weight_norm_sq(model)
             total = total + self.l2 * sq

@@ -96,6 +96,11 @@ def write_run_files(run_dir: Path, metrics: dict[str, Any], module) -> None:
         np.savez_compressed(
             run_dir / "predictions.npz", logits=logits.astype(np.float32), targets=targets
         )
+    # the model that was evaluated (chosen on validation): what hdl-eval and export read
+    torch.save(
+        {"state_dict": module.state_dict(), "selected": metrics.get("selected")},
+        run_dir / "selected.ckpt",
+    )
     from hdl.sparsity import effective_weights
 
     # the effective (masked) weights: stability across splits compares them
@@ -113,11 +118,21 @@ def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
     shown = [
         k
         for k in metrics["metrics"]
-        if k.startswith(("test/", "val/acc", "val/mse", "sparsity/zero", "time/"))
+        if k.startswith(("test/", "val/", "sparsity/zero", "time/"))
         or k in ("train/theta", "train/l0", "train/robust", "train/stable")
     ]
     for key in shown:
         table.add_row(key, f"{metrics['metrics'][key]:.4g}")
     console = Console()
     console.print(table)
+    chosen = metrics.get("selected") or {}
+    if chosen.get("step") is not None:
+        console.print(
+            f"evaluated: the model of step {chosen['step']} (best {chosen['monitor']} on "
+            "validation"
+            + (", final sparsity round" if metrics["metrics"].get("sparsity/zero_fraction") else "")
+            + ")"
+        )
+    for flag in metrics.get("flags", []):
+        console.print(f"[bold red]⚠ {flag}[/]")
     console.print(f"run files: {run_dir}")

@@ -58,12 +58,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         fit_metrics = dict(trainer.callback_metrics)  # trainer.test resets them
         deviation = rank_deviation(trainer, module) if trainer.world_size > 1 else None
+        selected = _load_selected(callbacks, module)
+        validation, val_flags = validation_metrics(module, data)
         if cfg.get("test", True):
             if trainer.world_size > 1:  # the whole test set on every rank: exact metrics, logits
                 trainer.test(module, dataloaders=_unsharded_test(data), verbose=False)
             else:
                 trainer.test(module, datamodule=data, verbose=False)
         metrics = collect_metrics(cfg, trainer, module, data, run_dir, fit_metrics)
+        metrics["metrics"].update(validation)  # the selected model's, not the last check's
+        metrics["selected"] = selected
+        metrics["budget"] = {"steps": int(trainer.global_step), "max_steps": trainer.max_steps}
+        metrics["flags"] = val_flags + test_flags(module, data)
         if cfg.get("objective"):
             from hdl.objective import holistic_objective
 
@@ -92,6 +98,75 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if gpu_claim is not None:
             gpu_claim.release()
     return metrics
+
+
+def _load_selected(callbacks: list, module) -> dict[str, Any]:
+    """Load the weights chosen on validation into ``module`` (the model that is tested and
+    saved); the last weights when no validation check was eligible (a smoke run), with a
+    warning. Returns what was chosen, for ``metrics.json``."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    from hdl.callbacks import SelectBest
+
+    selector = next(cb for cb in callbacks if isinstance(cb, SelectBest))
+    if selector.best_state is None:
+        rank_zero_warn(
+            "select: no validation check in the final round (a smoke run?); the last weights "
+            "are evaluated"
+        )
+        return selector.selected() | {"step": None, "evaluated": "last"}
+    module.load_state_dict(selector.best_state)
+    return selector.selected() | {"evaluated": "selected"}
+
+
+def validation_metrics(module, data) -> tuple[dict[str, float], list[str]]:
+    """The selected model on the validation split: natural metrics and robust accuracy under the
+    eval attack at every ``eval.eps`` (what model selection across runs reads; correct on the
+    clean input and under attack), and collapse flags."""
+    from hdl.attacks import evaluate_under_attack, predict
+    from hdl.collapse import collapse_flags
+    from hdl.keys import metric_key, natural_key
+
+    x, y = data.tensors["val"]
+    ev = module.eval_cfg
+    classification = data.task == "classification"
+    results = evaluate_under_attack(
+        module.net,
+        x,
+        y,
+        eps_list=[0.0, *ev.eps],
+        attack=ev.attack,
+        norm=ev.norm,
+        steps=ev.steps,
+        input_range=data.input_range,
+        task=data.task,
+        num_classes=data.num_outputs if classification else None,
+        batch_size=data.eval_batch_size,
+        queries=ev.square_queries,
+    )
+    kind, key = ("acc", "accuracy") if classification else ("mse", "mse")
+    out = {natural_key("val", kind): results[0.0][key]}
+    if classification:
+        out["val/loss"] = results[0.0]["loss"]
+    for eps in ev.eps:
+        out[metric_key("val", ev.attack, kind, eps)] = results[float(eps)][key]
+    flags = []
+    if classification:
+        logits = predict(module.net, x, data.eval_batch_size).cpu().numpy()
+        flags = collapse_flags(logits, y.numpy(), "val")
+    return out, flags
+
+
+def test_flags(module, data) -> list[str]:
+    """Collapse flags of the test predictions (classification)."""
+    import torch
+
+    from hdl.collapse import collapse_flags
+
+    if data.task != "classification" or not module.test_logits:
+        return []
+    logits = torch.cat(module.test_logits).float().numpy()
+    return collapse_flags(logits, torch.cat(module.test_targets).numpy(), "test")
 
 
 def _unsharded_test(data):

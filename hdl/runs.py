@@ -25,16 +25,18 @@ class LoadedRun:
 
 
 def find_run(path: str | Path) -> tuple[Path, Path]:
-    """(run dir, checkpoint) from a run dir (uses ``checkpoints/last.ckpt``) or a ``.ckpt``."""
+    """(run dir, checkpoint) from a run dir or a ``.ckpt``. A run dir gives the model that the
+    run evaluated, ``selected.ckpt`` (chosen on validation), else ``checkpoints/last.ckpt`` (a
+    run stopped before it finished)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return run_dir, path
     if path.is_dir():
-        ckpt = path / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            raise DataError(f"{path}: no checkpoints/last.ckpt in this run directory")
-        return path, ckpt
+        for ckpt in (path / "selected.ckpt", path / "checkpoints" / "last.ckpt"):
+            if ckpt.is_file():
+                return path, ckpt
+        raise DataError(f"{path}: neither selected.ckpt nor checkpoints/last.ckpt in this run")
     raise DataError(f"{path}: not a run directory or a .ckpt file")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,6 +27,8 @@ from hdl.errors import ConfigError
 
 __all__ = [
     "ContinuousMask",
+    "Schedule",
+    "SparseConfig",
     "SparsityCallback",
     "add_masks",
     "clip_logits",
@@ -35,6 +38,7 @@ __all__ = [
     "mask_parameters",
     "masks",
     "parameter_counts",
+    "plan_schedule",
     "set_hard",
     "set_temperature",
     "strip_masks",
@@ -219,11 +223,14 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def l0_penalty(model: nn.Module) -> Tensor:
-    """Sum of all mask entries (the L0 surrogate); a 0-dim tensor, 0 when nothing is masked."""
-    terms = [m.mask().sum() for _, m in masks(model)]
-    if not terms:
+    """Mean of all mask entries (the L0 surrogate: the fraction of weights kept, softly); a
+    0-dim tensor, 0 when nothing is masked. A mean, not a sum, so that one ``loss.sparse.l0``
+    means the same pressure for a 6,000-weight MLP and a 1M-weight CNN (docs/loss.md)."""
+    found = masks(model)
+    if not found:
         return torch.zeros((), device=_device(model))
-    return torch.stack(terms).sum()
+    total = torch.stack([m.mask().sum() for _, m in found]).sum()
+    return total / sum(m.logits.numel() for _, m in found)
 
 
 @torch.no_grad()
@@ -333,66 +340,150 @@ def strip_masks(model: nn.Module) -> nn.Module:
     return model
 
 
-# --- the schedule ----------------------------------------------------------------------------
+# --- the configuration and the schedule -----------------------------------------------------
+
+
+@dataclass
+class SparseConfig:
+    """``loss.sparse``: the switch, the values and their checks, in one place (docs/loss.md).
+
+    The schedule is defined on optimizer **steps**, so it means the same on 300 rows and on
+    60,000 images: the run's T steps are split into ``search_rounds`` soft rounds and a final
+    hard round of equal length (the final one takes the remainder); the weights are snapshot
+    ``rewind_fraction`` of the way into round 0 and rewound at every later round.
+    """
+
+    l0: float = 0.0  # weight of the MEAN mask entry (the L0 surrogate); 0: no masks at all
+    final_temp: float = 200.0
+    search_rounds: int = 1
+    rewind_fraction: float = 0.05  # snapshot point in round 0, as a fraction of a round's steps
+    mask_init: float = 0.1  # > 0: noise around the threshold 1[s > 0] must not prune
+    mask_lr: float | None = None  # learning rate of the mask logits (None: the optimizer's)
+
+    @property
+    def enabled(self) -> bool:
+        return float(self.l0) > 0
+
+    @property
+    def rounds(self) -> int:
+        return int(self.search_rounds) + 1
+
+    def check(self) -> None:
+        """One-line ConfigErrors naming the key, for every impossible value."""
+        if not math.isfinite(float(self.l0)) or float(self.l0) < 0:
+            raise ConfigError(f"loss.sparse.l0 must be >= 0, got {self.l0!r}")
+        if not float(self.final_temp) >= 1.0:
+            raise ConfigError(f"loss.sparse.final_temp must be >= 1, got {self.final_temp!r}")
+        if isinstance(self.search_rounds, bool) or int(self.search_rounds) < 0:
+            raise ConfigError(f"loss.sparse.search_rounds must be >= 0, got {self.search_rounds!r}")
+        if not 0.0 <= float(self.rewind_fraction) < 1.0:
+            raise ConfigError(
+                f"loss.sparse.rewind_fraction must be in [0, 1), got {self.rewind_fraction!r}"
+            )
+        if int(self.search_rounds) == 0 and float(self.mask_init) <= 0:
+            raise ConfigError(
+                "loss.sparse.mask_init must be > 0 when loss.sparse.search_rounds is 0 "
+                f"(the hard mask 1[s > 0] of s = {self.mask_init!r} prunes every weight)"
+            )
+        if self.mask_lr is not None and not float(self.mask_lr) > 0:
+            raise ConfigError(f"loss.sparse.mask_lr must be > 0 or null, got {self.mask_lr!r}")
+
+    def callback(self, min_round_steps: int = 0) -> SparsityCallback:
+        """The schedule that runs this configuration (checked first)."""
+        self.check()
+        return SparsityCallback(self, min_round_steps=min_round_steps)
+
+
+@dataclass
+class Schedule:
+    """The step schedule of one run: round r covers steps [r * round_steps, (r + 1) *
+    round_steps), the final round runs to ``total``; the snapshot is taken before step
+    ``rewind_step``."""
+
+    total: int
+    search_rounds: int
+    round_steps: int
+    rewind_step: int
+
+    @property
+    def final_round(self) -> int:
+        return self.search_rounds
+
+    def round_of(self, step: int) -> int:
+        if self.search_rounds == 0:
+            return 0
+        return min(step // self.round_steps, self.final_round)
+
+    def progress(self, step: int) -> float:
+        """Position in a search round, 0 at its first step and 1 at its last."""
+        r = self.round_of(step)
+        return (step - r * self.round_steps) / max(self.round_steps - 1, 1)
+
+
+def plan_schedule(
+    total_steps: int, config: SparseConfig, min_round_steps: int = 0
+) -> tuple[Schedule, list[str]]:
+    """The schedule for a budget of ``total_steps`` optimizer steps, and warnings.
+
+    A budget too small for the configured rounds (a smoke run: ``fast_dev_run``, one epoch) is
+    not refused: the search rounds are dropped until each round has at least 2 steps (a
+    temperature ramp needs two), down to the final hard round alone, with a warning."""
+    warnings: list[str] = []
+    total = int(total_steps)
+    search = int(config.search_rounds)
+    while search > 0 and total // (search + 1) < 2:
+        search -= 1
+    if search < int(config.search_rounds):
+        warnings.append(
+            f"loss.sparse: {total} optimizer steps cannot hold {config.search_rounds} search "
+            f"round(s) and a final round; the schedule is shrunk to {search} search round(s) "
+            "(a smoke run? its sparsity numbers mean nothing)"
+        )
+    round_steps = total // (search + 1) if search else total
+    if search and min_round_steps and round_steps < min_round_steps:
+        warnings.append(
+            f"loss.sparse: {round_steps} steps per sparsity round, fewer than "
+            f"budget.min_round_steps={min_round_steps}: give the run more steps "
+            "(budget.steps) for a sparsity search that converges"
+        )
+    rewind = int(float(config.rewind_fraction) * round_steps) if search else 0
+    return Schedule(total, search, max(round_steps, 1), rewind), warnings
 
 
 class SparsityCallback(pl.Callback):
-    """Runs continuous sparsification over ``trainer.max_epochs`` epochs.
+    """Runs continuous sparsification over the run's optimizer steps (:class:`Schedule`).
 
-    ``search_rounds`` soft rounds of ``epochs_per_round`` epochs (default
-    ``max_epochs // (search_rounds + 1)``), then a final hard round that takes the remaining
-    epochs. In a search round the temperature grows geometrically from 1 to ``final_temp``,
-    reaching it at the round's last training step. The non-mask parameters of
-    ``pl_module.net`` and of ``pl_module.loss`` (θ of the stability term) are snapshot after
-    ``rewind_epoch`` epochs of round 0 (0: before any step) and rewound, with their optimizer state cleared, at the start of every later round. Before a
-    later *search* round the logits are clipped (:func:`clip_logits`); the final round makes the
-    mask hard and frozen. No clip before the final round: with ``mask_init <= 0`` the clip maps
-    every kept logit to ``<= 0``, and the hard mask ``1[s > 0]`` would prune everything.
+    In a search round the temperature grows geometrically from 1 to ``final_temp``, reaching it
+    at the round's last step. The non-mask parameters of ``pl_module.net`` and of
+    ``pl_module.loss`` (θ of the stability term) are snapshot before step ``rewind_step`` of
+    round 0 and rewound, with their optimizer state cleared, at the start of every later round.
+    Before a later *search* round the logits are clipped (:func:`clip_logits`); the final round
+    makes the mask hard and frozen. No clip before the final round: with ``mask_init <= 0`` the
+    clip maps every kept logit to ``<= 0``, and the hard mask ``1[s > 0]`` would prune everything.
+    The total is Lightning's ``estimated_stepping_batches``, so ``trainer.max_steps`` and
+    ``trainer.max_epochs`` budgets both work.
     """
 
-    def __init__(
-        self,
-        search_rounds: int = 1,
-        rewind_epoch: int = 1,
-        final_temp: float = 200.0,
-        mask_init: float = 0.1,
-        epochs_per_round: int | None = None,
-    ) -> None:
+    def __init__(self, config: SparseConfig | None = None, min_round_steps: int = 0) -> None:
         super().__init__()
-        if int(search_rounds) < 0:
-            raise ConfigError(f"loss.sparse.search_rounds must be >= 0, got {search_rounds!r}")
-        if not float(final_temp) >= 1.0:
-            raise ConfigError(f"loss.sparse.final_temp must be >= 1, got {final_temp!r}")
-        if int(rewind_epoch) < 0:
-            raise ConfigError(f"loss.sparse.rewind_epoch must be >= 0, got {rewind_epoch!r}")
-        if epochs_per_round is not None and int(epochs_per_round) < 1:
-            raise ConfigError(
-                f"loss.sparse.epochs_per_round must be >= 1, got {epochs_per_round!r}"
-            )
-        if int(search_rounds) == 0 and float(mask_init) <= 0:
-            raise ConfigError(
-                "loss.sparse.mask_init must be > 0 when loss.sparse.search_rounds is 0 "
-                f"(the hard mask 1[s > 0] of s = {mask_init!r} prunes every weight)"
-            )
-        self.search_rounds = int(search_rounds)
-        self.rounds = self.search_rounds + 1
-        self.rewind_epoch = int(rewind_epoch)
-        self.final_temp = float(final_temp)
-        self.mask_init = float(mask_init)
-        self._epochs_per_round_arg = None if epochs_per_round is None else int(epochs_per_round)
-        self.epochs_per_round: int | None = self._epochs_per_round_arg
+        self.config = config if config is not None else SparseConfig(l0=1.0)
+        self.config.check()
+        self.min_round_steps = int(min_round_steps)
+        self.final_temp = float(self.config.final_temp)
+        self.mask_init = float(self.config.mask_init)
+        self.schedule: Schedule | None = None
         self.current_round = 0
         self.snapshot: dict[str, Tensor] | None = None
 
     # --- helpers -------------------------------------------------------------------------
     @property
     def final_round(self) -> int:
-        return self.rounds - 1
+        assert self.schedule is not None, "the schedule is planned when training starts"
+        return self.schedule.final_round
 
-    def round_of(self, epoch: int) -> int:
-        """The round an epoch belongs to; epochs beyond the search rounds are all final."""
-        assert self.epochs_per_round is not None, "call setup() first"
-        return min(epoch // self.epochs_per_round, self.final_round)
+    def in_final_round(self) -> bool:
+        """Whether training is in the final, hard-mask round (model selection happens there)."""
+        return self.schedule is not None and self.current_round == self.schedule.final_round
 
     @staticmethod
     def _net(pl_module: pl.LightningModule) -> nn.Module:
@@ -415,82 +506,53 @@ class SparsityCallback(pl.Callback):
             found += [(f"loss.{n}", p) for n, p in loss.named_parameters()]
         return found
 
-    def _resolve(self, max_epochs: int | None) -> None:
-        if max_epochs is None or max_epochs < 1:
-            raise ConfigError(
-                f"trainer.max_epochs must be a positive number of epochs for loss.sparse "
-                f"(its rounds are counted in epochs), got {max_epochs!r}"
-            )
-        if max_epochs < self.rounds:
-            raise ConfigError(
-                f"trainer.max_epochs ({max_epochs}) must be >= loss.sparse.search_rounds + 1 "
-                f"({self.rounds})"
-            )
-        epr = self._epochs_per_round_arg or max(max_epochs // self.rounds, 1)
-        if self.search_rounds and epr * self.search_rounds >= max_epochs:
-            raise ConfigError(
-                f"loss.sparse.epochs_per_round ({epr}) leaves no epoch of trainer.max_epochs "
-                f"({max_epochs}) for the final hard round after {self.search_rounds} search rounds"
-            )
-        if self.search_rounds and self.rewind_epoch >= epr:
-            raise ConfigError(
-                f"loss.sparse.rewind_epoch must be < the epochs per round ({epr}), "
-                f"got {self.rewind_epoch}"
-            )
-        self.epochs_per_round = epr
-
     # --- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._resolve(trainer.max_epochs)
         net = self._net(pl_module)
         if not masks(net):  # normally the module has added them already
             add_masks(net, self.mask_init)
-        self.current_round = 0  # a resumed run overrides these in load_state_dict
-        self.snapshot = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule is None:  # a resumed run keeps the schedule it was planned with
+            total = trainer.estimated_stepping_batches
+            if not isinstance(total, int) or total < 1:
+                raise ConfigError(
+                    "loss.sparse needs a finite training budget (budget.steps, or "
+                    f"trainer.max_epochs with a sized loader), got {total!r} steps"
+                )
+            self.schedule, warnings = plan_schedule(total, self.config, self.min_round_steps)
+            for warning in warnings:
+                rank_zero_warn(warning)
         # requires_grad is not part of any checkpoint: re-freeze after a resume in the final round
         if self.current_round == self.final_round:
             set_hard(self._net(pl_module), True)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net = self._net(pl_module)
-        epoch = trainer.current_epoch
-        r = self.round_of(epoch)
-        if r > self.current_round:
-            self._enter_round(trainer, pl_module, r)
-        if r == self.final_round:
-            set_hard(net, True)  # idempotent
-        if self.search_rounds and r == 0 and epoch == self.rewind_epoch and self.snapshot is None:
-            self.snapshot = {n: p.detach().clone() for n, p in self._weights(pl_module)}
-
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        schedule = self.schedule
+        assert schedule is not None
         net = self._net(pl_module)
-        r = self.round_of(trainer.current_epoch)
+        step = trainer.global_step
+        r = schedule.round_of(step)
+        if r > self.current_round:
+            self._enter_round(trainer, pl_module, r)
+        if schedule.search_rounds and r == 0 and step >= schedule.rewind_step:
+            if self.snapshot is None:
+                self.snapshot = {n: p.detach().clone() for n, p in self._weights(pl_module)}
         beta = 1.0  # the final round's hard mask ignores the temperature
-        if r < self.final_round:
-            beta = temperature_at(self._progress(trainer, batch_idx, r), self.final_temp)
+        if r < schedule.final_round:
+            beta = temperature_at(schedule.progress(step), self.final_temp)
             set_temperature(net, beta)
-        pl_module.log("sparsity/temperature", beta, on_step=True, on_epoch=False)
-        pl_module.log("sparsity/round", float(r), on_step=True, on_epoch=False)
+        if batch_idx % max(trainer.log_every_n_steps, 1) == 0:
+            pl_module.log("sparsity/temperature", beta, on_step=True, on_epoch=False)
+            pl_module.log("sparsity/round", float(r), on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = zero_fractions(self._net(pl_module))["total"]
         pl_module.log("sparsity/zero_fraction", total, on_step=False, on_epoch=True)
-
-    def _progress(self, trainer: pl.Trainer, batch_idx: int, r: int) -> float:
-        """Position in the search round, 0 at its first step and 1 at its last."""
-        assert self.epochs_per_round is not None
-        epoch_in_round = trainer.current_epoch - r * self.epochs_per_round
-        n = trainer.num_training_batches
-        if not isinstance(n, int) or math.isinf(n) or n < 1:  # unsized loader: per epoch
-            return epoch_in_round / max(self.epochs_per_round - 1, 1)
-        steps = self.epochs_per_round * n
-        return (epoch_in_round * n + batch_idx) / max(steps - 1, 1)
 
     def _enter_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, r: int) -> None:
         net = self._net(pl_module)
@@ -519,15 +581,16 @@ class SparsityCallback(pl.Callback):
 
     # --- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        schedule = None if self.schedule is None else asdict(self.schedule)
         return {
             "current_round": self.current_round,
             "snapshot": self.snapshot,
-            "epochs_per_round": self.epochs_per_round,
+            "schedule": schedule,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.current_round = int(state_dict.get("current_round", 0))
         snap = state_dict.get("snapshot")
         self.snapshot = None if snap is None else dict(snap)
-        if self._epochs_per_round_arg is None and state_dict.get("epochs_per_round"):
-            self.epochs_per_round = int(state_dict["epochs_per_round"])
+        schedule = state_dict.get("schedule")
+        self.schedule = None if schedule is None else Schedule(**schedule)

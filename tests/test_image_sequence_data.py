@@ -13,7 +13,8 @@ import torch
 from hydra.utils import instantiate
 
 from hdl.build import load_preset
-from hdl.data.images import DigitsImages, MnistSubset, TorchvisionImages, limit_examples
+from hdl.data.base import limit_examples
+from hdl.data.images import DigitsImages, MnistSubset, TorchvisionImages
 from hdl.data.sequences import DigitsRows, MnistRows, NoisySine, SequenceCSV
 from hdl.errors import ConfigError, DataError
 

@@ -31,8 +31,8 @@ EVEN_IRIS = ["data=iris", "data.val_size=0.25"]
 HOLISTIC = [
     "loss=holistic",
     "loss.sparse.search_rounds=2",
-    "loss.sparse.rewind_epoch=0",
-    "loss.sparse.l0=1e-3",
+    "loss.sparse.rewind_fraction=0",
+    "loss.sparse.l0=0.3",
 ]
 
 
@@ -202,7 +202,7 @@ def test_sweep_scripts_run_here(script, extra_env, tmp_path):
             "data=iris",
             "trainer.accelerator=cpu",
             "trainer.max_epochs=3",
-            "++loss.sparse.rewind_epoch=0",  # baseline has no such key
+            "++loss.sparse.rewind_fraction=0",  # baseline has no such key
             *QUIET,
             "test=false",
             f"hydra.sweep.dir={sweep}",
@@ -287,7 +287,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     epochs = 24  # 3 sparsity rounds of 8 epochs
     overrides = [
         *HOLISTIC,
-        "loss.sparse.rewind_epoch=1",
+        "loss.sparse.rewind_fraction=0.3",
         "data=iris",
         "model.dropout=0.2",
         f"trainer.max_epochs={epochs}",
@@ -347,7 +347,7 @@ def test_optuna_search_maximises_the_holistic_objective(tmp_path):
         "data=iris",
         "trainer=cpu",
         "trainer.max_epochs=3",
-        "loss.sparse.rewind_epoch=0",
+        "loss.sparse.rewind_fraction=0",
         *QUIET,
         "test=false",
         "hydra.sweeper.n_trials=2",

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hdl.errors import ConfigError
 from hdl.sparsity import (
     ContinuousMask,
+    SparseConfig,
     SparsityCallback,
     add_masks,
     clip_logits,
@@ -23,6 +24,7 @@ from hdl.sparsity import (
     l0_penalty,
     mask_parameters,
     masks,
+    plan_schedule,
     set_hard,
     set_temperature,
     strip_masks,
@@ -144,7 +146,7 @@ def test_penalty_counts_masks_and_its_gradient_reaches_the_logits() -> None:
     add_masks(model)
     penalty = l0_penalty(model)
     n_weights = sum(m.logits.numel() for _, m in masks(model))
-    assert penalty.ndim == 0 and penalty.item() == pytest.approx(n_weights)
+    assert n_weights > 1 and penalty.ndim == 0 and penalty.item() == pytest.approx(1.0)  # a mean
     penalty.backward()
     for _, m in masks(model):
         assert m.logits.grad is not None and torch.all(m.logits.grad > 0)
@@ -385,7 +387,10 @@ class Probe(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         self.initial = weights_of(pl_module.net)
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        """The state at an epoch's first step, after SparsityCallback acted on it."""
+        if batch_idx != 0:
+            return
         net = pl_module.net
         params = [p for p in net.parameters()]
         self.epoch_start[trainer.current_epoch] = {
@@ -412,11 +417,13 @@ class Probe(pl.Callback):
 def test_callback_runs_rounds_rewinds_and_ends_hard() -> None:
     torch.manual_seed(0)
     module = TinyModule()
-    cb = SparsityCallback(search_rounds=2, rewind_epoch=1, final_temp=200.0)
+    cb = SparsityCallback(
+        SparseConfig(l0=1.0, search_rounds=2, rewind_fraction=0.5, final_temp=200.0)
+    )
     probe = Probe(cb)
     trainer(6, [cb, probe]).fit(module, loader())
     net = module.net
-    assert cb.epochs_per_round == 2 and cb.current_round == 2
+    assert cb.schedule.round_steps == 8 and cb.current_round == 2
 
     # temperature: geometric from 1 to final_temp within each search round (4 batches x 2 epochs)
     temps = [t for _, t in probe.temps]
@@ -426,10 +433,10 @@ def test_callback_runs_rounds_rewinds_and_ends_hard() -> None:
         ratios = [b / a for a, b in zip(round_temps, round_temps[1:], strict=False)]
         assert ratios == pytest.approx([200.0 ** (1 / 7)] * 7)
 
-    # snapshot: the weights after rewind_epoch=1 epochs; rewound (and optimizer state reset) at
-    # the start of every later round
+    # snapshot: the weights before step 4 (rewind_fraction 0.5 of an 8-step round: the start of
+    # epoch 1); rewound (and optimizer state reset) at the start of every later round
     snap = probe.epoch_start[1]["weights"]
-    assert probe.epoch_start[1]["snapshot"] is not None
+    assert probe.epoch_start[0]["snapshot"] is None and probe.epoch_start[1]["snapshot"] is not None
     assert all(torch.equal(snap[k], v) for k, v in cb.snapshot.items())
     assert set(cb.snapshot) == set(snap)  # net weights only, no mask logits
     assert not any("logits" in k for k in cb.snapshot)
@@ -474,13 +481,15 @@ def trainer_metrics_ok(cb: SparsityCallback, module: TinyModule) -> bool:
     )
 
 
-def test_rewind_epoch_zero_snapshots_the_initial_weights() -> None:
+def test_rewind_fraction_zero_snapshots_the_initial_weights() -> None:
     module = TinyModule()
     initial = weights_of(module.net)
-    cb = SparsityCallback(search_rounds=1, rewind_epoch=0, final_temp=10.0)
+    cb = SparsityCallback(
+        SparseConfig(l0=1.0, search_rounds=1, rewind_fraction=0.0, final_temp=10.0)
+    )
     trainer(4, [cb]).fit(module, loader())
     assert all(torch.equal(cb.snapshot[k], v) for k, v in initial.items())
-    assert cb.epochs_per_round == 2 and all(bool(m.hard) for _, m in masks(module.net))
+    assert cb.schedule.round_steps == 8 and all(bool(m.hard) for _, m in masks(module.net))
 
 
 class SaveAt(pl.Callback):
@@ -496,13 +505,17 @@ def test_callback_state_round_trip_and_resume(tmp_path) -> None:
     paths = {3: str(tmp_path / "e3.ckpt"), 4: str(tmp_path / "e4.ckpt")}
     torch.manual_seed(0)
     full = TinyModule()
-    cb = SparsityCallback(search_rounds=2, rewind_epoch=1, final_temp=50.0)
+    cb = SparsityCallback(
+        SparseConfig(l0=1.0, search_rounds=2, rewind_fraction=0.5, final_temp=50.0)
+    )
     trainer(6, [cb, SaveAt(paths)]).fit(full, loader())
 
     state = cb.state_dict()
-    other = SparsityCallback(search_rounds=2, rewind_epoch=1, final_temp=50.0)
+    other = SparsityCallback(
+        SparseConfig(l0=1.0, search_rounds=2, rewind_fraction=0.5, final_temp=50.0)
+    )
     other.load_state_dict(copy.deepcopy(state))
-    assert other.current_round == 2 and other.epochs_per_round == 2
+    assert other.current_round == 2 and other.schedule == cb.schedule
     assert set(other.snapshot) == set(cb.snapshot)
     assert all(torch.equal(other.snapshot[k], v) for k, v in cb.snapshot.items())
 
@@ -510,7 +523,9 @@ def test_callback_state_round_trip_and_resume(tmp_path) -> None:
     # ends exactly where the uninterrupted run ended
     for path in paths.values():
         resumed = TinyModule()
-        cb2 = SparsityCallback(search_rounds=2, rewind_epoch=1, final_temp=50.0)
+        cb2 = SparsityCallback(
+            SparseConfig(l0=1.0, search_rounds=2, rewind_fraction=0.5, final_temp=50.0)
+        )
         trainer(6, [cb2]).fit(resumed, loader(), ckpt_path=path)
         assert cb2.current_round == 2
         for (k, v), (k2, v2) in zip(
@@ -521,19 +536,73 @@ def test_callback_state_round_trip_and_resume(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "max_epochs", "key"),
+    ("kwargs", "key"),
     [
-        ({"search_rounds": -1}, 6, "loss.sparse.search_rounds"),
-        ({"final_temp": 0.5}, 6, "loss.sparse.final_temp"),
-        ({"rewind_epoch": -1}, 6, "loss.sparse.rewind_epoch"),
-        ({"search_rounds": 0, "mask_init": 0.0}, 6, "loss.sparse.mask_init"),
-        ({"epochs_per_round": 0}, 6, "loss.sparse.epochs_per_round"),
-        ({"rewind_epoch": 2, "search_rounds": 2}, 6, "loss.sparse.rewind_epoch"),
-        ({"search_rounds": 3}, 3, "trainer.max_epochs"),
-        ({"epochs_per_round": 3, "search_rounds": 2}, 6, "loss.sparse.epochs_per_round"),
+        ({"search_rounds": -1}, "loss.sparse.search_rounds"),
+        ({"final_temp": 0.5}, "loss.sparse.final_temp"),
+        ({"rewind_fraction": 1.0}, "loss.sparse.rewind_fraction"),
+        ({"rewind_fraction": -0.1}, "loss.sparse.rewind_fraction"),
+        ({"search_rounds": 0, "mask_init": 0.0}, "loss.sparse.mask_init"),
+        ({"l0": -1.0}, "loss.sparse.l0"),
+        ({"mask_lr": 0.0}, "loss.sparse.mask_lr"),
     ],
 )
-def test_impossible_settings_raise_config_errors(kwargs: dict, max_epochs: int, key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        cb = SparsityCallback(**kwargs)
-        trainer(max_epochs, [cb]).fit(TinyModule(), loader())
+def test_impossible_settings_raise_config_errors(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        SparsityCallback(SparseConfig(**({"l0": 1.0} | kwargs)))
+    assert "\n" not in str(err.value)
+
+
+# --- the schedule is defined on steps ---------------------------------------------------------
+@pytest.mark.parametrize("total", [7, 60, 397, 6000, 60001])
+@pytest.mark.parametrize("search_rounds", [1, 2])
+def test_schedule_rounds_and_rewind_land_on_the_same_fractions_for_any_size(total, search_rounds):
+    config = SparseConfig(l0=1.0, search_rounds=search_rounds, rewind_fraction=0.1)
+    schedule, warnings = plan_schedule(total, config)
+    assert not warnings and schedule.total == total
+    rounds = search_rounds + 1
+    assert schedule.round_steps == total // rounds
+    starts = [r * schedule.round_steps for r in range(rounds)]
+    for r, start in enumerate(starts):  # every round starts where it should ...
+        assert schedule.round_of(start) == r and (
+            start == 0 or schedule.round_of(start - 1) == r - 1
+        )
+    assert schedule.round_of(total - 1) == search_rounds  # ... and the final one runs to the end
+    assert schedule.rewind_step == int(0.1 * schedule.round_steps)
+    assert schedule.progress(0) == 0.0
+    assert schedule.progress(schedule.round_steps - 1) == pytest.approx(1.0)
+
+
+def test_smoke_budgets_shrink_the_schedule_with_a_warning():
+    config = SparseConfig(l0=1.0, search_rounds=2)
+    schedule, warnings = plan_schedule(1, config)
+    assert schedule.search_rounds == 0 and "shrunk" in warnings[0]
+    schedule, warnings = plan_schedule(5, config)
+    assert schedule.search_rounds == 1 and schedule.round_steps == 2 and warnings
+    _, warnings = plan_schedule(400, config, min_round_steps=1000)
+    assert "min_round_steps" in warnings[0]
+
+
+def test_the_schedule_follows_max_steps_across_epochs() -> None:
+    """A step budget (max_steps, unlimited epochs): rounds switch mid-epoch, on the step."""
+    module = TinyModule()
+    cb = SparsityCallback(SparseConfig(l0=1.0, search_rounds=1, rewind_fraction=0.25))
+    rounds: list[tuple[int, int]] = []
+
+    class Rounds(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            rounds.append((trainer.global_step, cb.current_round))
+
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, Rounds()],
+    ).fit(module, loader())  # 4 batches per epoch
+    assert cb.schedule.total == 10 and cb.schedule.round_steps == 5 and cb.schedule.rewind_step == 1
+    assert [r for _, r in rounds] == [0] * 5 + [1] * 5
+    assert all(bool(m.hard) for _, m in masks(module.net))

@@ -12,7 +12,7 @@ from hdl.errors import HDLError
 from hdl.runner import run
 from tests.conftest import TINY, assert_robust_at_most_natural, compose
 
-SPARSE_TINY = ["loss.sparse.rewind_epoch=0", "loss.sparse.l0=1e-3", "loss.sparse.mask_lr=0.05"]
+SPARSE_TINY = ["loss.sparse.rewind_fraction=0", "loss.sparse.l0=0.3", "loss.sparse.mask_lr=0.05"]
 
 
 def run_in_process(overrides, run_dir):

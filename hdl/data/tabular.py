@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hdl.data.base import ArrayDataModule
+from hdl.data.base import ArrayDataModule, imbalance_examples, limit_examples
 from hdl.errors import ConfigError, DataError
 
 SKLEARN_SETS = ("iris", "wine", "breast_cancer", "digits")
@@ -43,23 +43,36 @@ def _numeric(frame: pd.DataFrame, key: str, path: str | Path) -> np.ndarray:
 class SklearnDataModule(ArrayDataModule):
     """A data set that ships with scikit-learn (no download): iris, wine, breast_cancer, digits."""
 
-    def __init__(self, dataset: str = "wine", **kwargs) -> None:
+    def __init__(
+        self,
+        dataset: str = "wine",
+        limit: int | None = None,
+        imbalance: float | None = None,
+        **kwargs,
+    ) -> None:
         if dataset not in SKLEARN_SETS:
             raise ConfigError(
                 f"data.dataset must be one of {', '.join(SKLEARN_SETS)}, got {dataset!r}"
             )
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 10
+        ):
+            raise ConfigError(f"data.limit must be an integer >= 10 or null, got {limit!r}")
         super().__init__(**kwargs)
-        self.dataset = dataset
+        self.dataset, self.limit, self.imbalance = dataset, limit, imbalance
 
     @property
     def name(self) -> str:
         return self.dataset
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The set, made ``imbalance``:1 (binary) and then subsampled to ``limit`` rows
+        (stratified), both fixed by ``data.seed``: small and imbalanced variants of shipped data."""
         import sklearn.datasets as sk
 
         bunch = getattr(sk, f"load_{self.dataset}")()
-        return bunch.data, bunch.target
+        x, y = imbalance_examples(bunch.data, bunch.target, self.imbalance, self.seed)
+        return limit_examples(x, y, self.limit, self.seed)
 
 
 class CSVDataModule(ArrayDataModule):
