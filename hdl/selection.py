@@ -137,7 +137,7 @@ def run_protocol(
         extra = [
             f"{k}={config0[k]}"
             for k in sorted(differing_problem)
-            if k != "data.name" and k in config0
+            if not k.startswith("data.") and k in config0  # data presets: named by data.name
         ]
         problem_label = " ".join([name, *extra])
         loss_keys = {
