@@ -10,13 +10,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from hdl.config import config_dir
 from hdl.errors import ConfigError, HDLError
 
-
-def config_dir() -> str:
-    """The ``conf/`` folder: shipped inside the package when installed, else the repo's."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+__all__ = ["config_dir", "load_preset", "instantiate", "build"]
 
 
 def load_preset(group: str, name: str) -> dict[str, Any]:
@@ -85,13 +82,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             if node.get("id") is None and not os.environ.get("WANDB_RUN_ID"):
                 node["id"] = wandb_run_id(run_dir)
             node.setdefault("resume", "allow")
-        loggers.append(instantiate(OmegaConf.create(node), f"logger.{key}"))
+        logger = instantiate(OmegaConf.create(node), f"logger.{key}")
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which W&B answers with a deprecation warning on
+            # every run (before WANDB_SILENT applies); None is W&B's default anyway
+            init.pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, loss) -> list:
+def build_callbacks(cfg: DictConfig, loss, hdl_callbacks: bool = True) -> list:
     """The configured callbacks, then the ones every run has: the sparsity schedule (when the
-    term is on), model selection on validation, the epoch timer, RNG state and shuffling."""
+    term is on), model selection on validation, the epoch timer, RNG state and shuffling
+    (``hdl_callbacks=False``: the configured ones only, for a test-only run)."""
     from hdl.budget import Budget, SelectConfig
     from hdl.callbacks import EpochTimer, RNGState, SelectBest, ShuffleEpoch
     from hdl.config import plain
@@ -101,6 +105,8 @@ def build_callbacks(cfg: DictConfig, loss) -> list:
         for key, node in (cfg.get("callbacks") or {}).items()
         if node is not None
     ]
+    if not hdl_callbacks:
+        return callbacks
     if loss.sparse.enabled:
         budget = Budget.from_mapping(plain(cfg.get("budget")))
         callbacks.append(loss.sparse.callback(budget.min_round_steps))

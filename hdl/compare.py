@@ -51,7 +51,21 @@ STABILITY_KINDS = {
     "seed": ("init seeds", SPLIT_KEY, SEED_KEY),
 }
 # config keys that never define a variant: what a stability group varies, and run bookkeeping
-IGNORED_KEYS = (SEED_KEY, SPLIT_KEY, "ckpt_path", "print_metrics", "test", "run_id")
+IGNORED_KEYS = (
+    SEED_KEY,
+    SPLIT_KEY,
+    "ckpt_path",
+    "print_metrics",
+    "print_config",
+    "verbose",
+    "on_failure",
+    "tags",
+    "test",
+    "run_id",
+)
+# a smoke run (Lightning's fast_dev_run / overfit_batches, or fewer optimizer steps than this)
+# measures nothing: hdl-compare lists it apart and never ranks it
+SMOKE_STEPS = 10
 IGNORED_PREFIXES = ("logger.", "callbacks.", "hydra.")
 
 
@@ -67,6 +81,32 @@ class Run:
     @property
     def task(self) -> str:
         return self.meta.get("task", "classification")
+
+    @property
+    def smoke(self) -> str | None:
+        """Why this is a smoke run (None if it is not): ``trainer.fast_dev_run`` or
+        ``trainer.overfit_batches`` set, or fewer than :data:`SMOKE_STEPS` optimizer steps."""
+        for key in ("trainer.fast_dev_run", "trainer.overfit_batches"):
+            value = self.config.get(key)
+            if value not in (None, False, 0, 0.0):
+                return f"{key}={value}"
+        steps = self.meta.get("global_step")
+        if isinstance(steps, int | float) and steps < SMOKE_STEPS:
+            return f"{int(steps)} optimizer steps (< {SMOKE_STEPS})"
+        return None
+
+    @property
+    def non_finite(self) -> list[str]:
+        """Result metrics (test, validation, hdl-eval) that are NaN, infinite or missing values."""
+        raw = self.meta.get("metrics", {})
+        keys = [k for k in raw if k.startswith(("test/", "val/"))] + [
+            k for k in self.metrics if k.startswith("eval/")
+        ]
+        return [
+            k
+            for k in keys
+            if not isinstance(self.metrics.get(k), float) or not math.isfinite(self.metrics[k])
+        ]
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -86,7 +126,10 @@ def _eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     for attack, by_eps in report.get("robustness", {}).items():
         for eps, values in by_eps.items():
             if float(eps) > 0:
-                out[metric_key("eval", attack, kind, float(eps))] = float(values[key])
+                value = values.get(key)
+                out[metric_key("eval", attack, kind, float(eps))] = (
+                    math.nan if value is None else float(value)
+                )
     return out
 
 
@@ -100,9 +143,7 @@ def load_run(run_dir: Path) -> Run:
         metrics |= _eval_metrics(report)
         warnings += report.get("warnings", [])
     verify_file = run_dir / "verify.json"
-    if (
-        verify_file.is_file()
-    ):  # hdl-verify: certified accuracy, eval/ibp_acc@eps, eval/crown_acc@eps
+    if verify_file.is_file():  # hdl-verify: certified accuracy as eval/ibp_acc@eps, crown_acc
         report = json.loads(verify_file.read_text())
         metrics |= {
             k: float(v)
@@ -196,6 +237,8 @@ class Variant:
     stability: dict[str, float]  # "<kind>/<metric>", kind in STABILITY_KINDS
     layers: dict[str, float]  # mean zero fraction per layer
     warnings: list[str]
+    # what keeps it out of the Pareto front and the recommendation (empty: ranked)
+    excluded: list[str] = field(default_factory=list)
 
     @property
     def task(self) -> str:
@@ -327,8 +370,10 @@ def aggregate(label: str, runs: list[Run]) -> Variant:
     keys = sorted({k for r in runs for k in r.metrics})
     stats = {k: mean_std([r.metrics.get(k, math.nan) for r in runs]) for k in keys}
     task = runs[0].task
-    # a run's own flags (collapse on validation or test) are warnings of its variant
-    warnings = sorted({w for r in runs for w in [*r.warnings, *r.meta.get("flags", [])]})
+    # a run's own flags (collapse on validation or test) and the sanity-check warnings of
+    # hdl-eval / hdl-verify flag its variant: listed, and never ranked
+    flags = sorted({w for r in runs for w in [*r.warnings, *r.meta.get("flags", [])]})
+    warnings = list(flags)
     stability, found = measure_stability(runs, task)
     warnings += found
     layers: dict[str, list[float]] = {}
@@ -342,7 +387,8 @@ def aggregate(label: str, runs: list[Run]) -> Variant:
         with np.load(preds[0]) as f:
             n_test = len(f["targets"])
     kind = "acc" if task == "classification" else "rmse"
-    warnings += _gradient_masking(stats, kind, n_test)
+    masking = _gradient_masking(stats, kind, n_test)
+    warnings += masking
     return Variant(
         label,
         runs,
@@ -350,7 +396,29 @@ def aggregate(label: str, runs: list[Run]) -> Variant:
         stability,
         {k: float(np.mean(v)) for k, v in layers.items()},
         warnings,
+        exclusion_reasons(runs, flags + masking),
     )
+
+
+def exclusion_reasons(runs: Sequence[Run], flags: Sequence[str]) -> list[str]:
+    """Why a variant is not ranked: smoke runs, non-finite metrics, or flags (gradient masking,
+    collapse, failed sanity checks). A variant is ranked only when this is empty."""
+    reasons = []
+    smoke = [r for r in runs if r.smoke]
+    if smoke:
+        what = (
+            "smoke runs only"
+            if len(smoke) == len(runs)
+            else f"{len(smoke)} of {len(runs)} runs are smoke runs"
+        )
+        reasons.append(f"{what} ({smoke[0].smoke})")
+    broken = [r for r in runs if r.non_finite]
+    if broken:
+        reasons.append(
+            f"non-finite metrics in {len(broken)} of {len(runs)} runs ({', '.join(broken[0].non_finite[:3])})"
+        )
+    reasons += [f"flagged: {f}" for f in flags]
+    return reasons
 
 
 def compare(runs: Sequence[Run]) -> list[Variant]:
@@ -644,9 +712,13 @@ def run_compare(
     out.mkdir(parents=True, exist_ok=True)
     header, rows, records = table_rows(variants)
     points = {v.label: axes(v) for v in variants}
+    ranked = {v.label: points[v.label] for v in variants if not v.excluded}
+    excluded = {v.label: v.excluded for v in variants if v.excluded}
     weights = parse_preferences(prefer)
-    ranking = recommend(points, weights)
+    ranking = recommend(ranked, weights) if ranked else []
+    front = pareto_front(ranked) if ranked else []
     md = markdown_table(header, rows) + "\n" + stability_legend(variants[0].task)
+    md += "\n" + ranking_markdown(front, ranking, weights, excluded, variants)
     (out / "comparison.md").write_text(md)
     write_csv(out / "comparison.csv", records)
     summary = {
@@ -661,12 +733,15 @@ def run_compare(
             for v in variants
         },
         "axes": points,
-        "pareto_front": pareto_front(points),
+        "pareto_front": front,
         "preferences": weights,
         "recommended": ranking,
+        "excluded": excluded,
         "table": records,
     }
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "comparison.json").write_text(
+        json.dumps(_strict(summary), indent=2, default=float, allow_nan=False)
+    )
     files = [out / "comparison.md", out / "comparison.csv", out / "comparison.json"]
     if plots:
         from hdl.plots import write_plots
@@ -676,6 +751,37 @@ def run_compare(
     summary["markdown"] = md
     summary["header"], summary["rows"] = header, rows
     return summary
+
+
+def ranking_markdown(
+    front: Sequence[str],
+    ranking: Sequence[tuple[str, float]],
+    weights: Mapping[str, float],
+    excluded: Mapping[str, Sequence[str]],
+    variants: Sequence[Variant],
+) -> str:
+    """The Pareto front, the recommendation, the variants not ranked (and why) and every
+    warning, under the table of ``comparison.md``."""
+    w = ", ".join(f"{k}={v:g}" for k, v in weights.items() if v)
+    lines = [
+        "## Ranking",
+        "",
+        "Pareto front (accuracy, robustness, sparsity, stability; ranked variants only): "
+        + (", ".join(front) if front else "none (no variant can be ranked)"),
+        "",
+    ]
+    if ranking:
+        lines += [f"Best fit for {w}: **{ranking[0][0]}** (score {ranking[0][1]:.2f})", ""]
+    if excluded:
+        lines += ["Not ranked (never on the front nor recommended):", ""]
+        lines += [f"- {label}: {'; '.join(reasons)}" for label, reasons in excluded.items()]
+        lines.append("")
+    warned = [(v.label, x) for v in variants for x in v.warnings]
+    if warned:
+        lines += ["## Warnings", ""]
+        lines += [f"- ⚠ {label}: {x}" for label, x in warned]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -692,8 +798,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     for label, info in summary["variants"].items():
         for warning in info["warnings"]:
             console.print(f"[bold yellow]⚠ {label}:[/] {warning}")
-    front = ", ".join(summary["pareto_front"])
+    front = ", ".join(summary["pareto_front"]) or "none (no variant can be ranked)"
     console.print(f"Pareto front (accuracy, robustness, sparsity, stability): {front}")
+    for label, reasons in summary.get("excluded", {}).items():
+        console.print(f"[bold yellow]not ranked: {label}[/] ({'; '.join(reasons)})")
     w = ", ".join(f"{k}={v:g}" for k, v in summary["preferences"].items() if v)
     if summary["recommended"]:
         best, score = summary["recommended"][0]

@@ -52,11 +52,17 @@ def evaluate_run(
     square_queries: int = EVAL_SQUARE_QUERIES,
 ) -> dict[str, Any]:
     """Evaluate one run on its test split; write ``eval.json`` into its run dir when ``write``."""
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise ConfigError(f"--max-examples must be a positive integer, got {max_examples!r}")
     run = load_run(path, device)
     data, module = run.data, run.module
     x, y = data.tensors["test"]
+    total = len(y)
     if max_examples:
         x, y = x[:max_examples], y[:max_examples]
+    subset = f"all {total}" if len(y) == total else f"first {len(y)} of {total}"
     eps = [float(e) for e in (eps if eps is not None else run.cfg.eval.eps)]
     n_features = int(x[0].numel())
     l2_eps = [float(e) for e in l2_eps] if l2_eps is not None else default_l2_radii(eps, n_features)
@@ -81,11 +87,19 @@ def evaluate_run(
     chance = None
     if task == "classification":
         chance = float(torch.bincount(y, minlength=data.num_outputs).max()) / len(y)
+    # where each number comes from, kept beside it (a later call may use another subset)
+    source = {"test_examples": len(y), "subset": subset, "steps": steps, "chance": chance}
+    for attack, by_eps in results.items():
+        queries = square_queries if parse_attack(attack)[0] == "square" else None
+        for values in by_eps.values():
+            values.update(source, square_queries=queries)
     report = {
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
         "task": task,
         "test_examples": len(y),
+        "total_test_examples": total,
+        "subset": subset,
         "steps": steps,
         "square_queries": square_queries,
         "chance": chance,
@@ -95,8 +109,60 @@ def evaluate_run(
         "sparsity": sparsity_report(module.net, x),
     }
     if write:
-        (run.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        path = run.run_dir / "eval.json"
+        report = merge_reports(_read_report(path), report)
+        path.write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
     return report
+
+
+def _finite(value: Any) -> Any:
+    """Strict JSON: NaN and infinities as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def merge_reports(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` merged into the earlier ``eval.json``: every (attack, eps) result computed before
+    is kept unless this call recomputed it; each says the test subset it came from. The sanity
+    checks are redone within each subset (numbers of different subsets are not compared), and
+    ``calls`` lists every call."""
+    merged = dict(new)
+    robustness_ = {a: dict(v) for a, v in ((old or {}).get("robustness") or {}).items()}
+    for attack, by_eps in new["robustness"].items():
+        robustness_.setdefault(attack, {}).update(by_eps)
+    merged["robustness"] = robustness_
+    call = {k: new.get(k) for k in ("checkpoint", "test_examples", "subset", "steps")}
+    call["attacks"] = sorted(new["robustness"])
+    merged["calls"] = [*((old or {}).get("calls") or []), call]
+    groups: dict[int, dict[str, dict[str, Any]]] = {}
+    for attack, by_eps in robustness_.items():
+        for eps, values in by_eps.items():
+            n = int(values.get("test_examples") or new["test_examples"])
+            groups.setdefault(n, {}).setdefault(attack, {})[eps] = values
+    warnings: list[str] = []
+    for n, results in sorted(groups.items(), reverse=True):
+        chance = next((v.get("chance") for r in results.values() for v in r.values()), None)
+        found = sanity_checks(results, new["task"], n, chance, new.get("chance_eps"))
+        subset = next(v.get("subset") for r in results.values() for v in r.values())
+        if len(groups) > 1:
+            found = [f"{w} [{subset} test examples]" for w in found]
+        warnings += found
+    merged["warnings"] = warnings
+    return merged
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -166,6 +232,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
+        for flag, value in (
+            ("--max-examples", args.max_examples),
+            ("--steps", args.steps),
+            ("--square-queries", args.square_queries),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {value}")
         attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
         for a in attacks:
             parse_attack(a)

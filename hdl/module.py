@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from hdl.errors import NonFiniteError
 from hdl.eval_config import EvalConfig
 from hdl.keys import metric_key, natural_key
 from hdl.losses import HolisticLoss
@@ -77,6 +78,7 @@ class HolisticModule(pl.LightningModule):
         self.test_targets: list[Tensor] = []
         self.test_results: dict[str, float] = {}
         self.epoch_terms = RunningMeans()
+        self.val_terms = RunningMeans()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -101,6 +103,26 @@ class HolisticModule(pl.LightningModule):
         # one log call per epoch: Lightning's per-call logging cost was most of its overhead
         means = {f"train/{k}": v for k, v in self.epoch_terms.means().items()}
         self.log_dict(means, sync_dist=True)
+        self.check_finite(means, "training loss")
+
+    def check_finite(self, values: dict[str, Tensor], what: str) -> None:
+        """Stop the run when a value is NaN or infinite (:class:`NonFiniteError`, exit code 3):
+        one host sync per epoch or validation (the values are already averaged on the device),
+        never per step; agreed on by every rank under DDP."""
+        if not values:
+            return
+        flags = torch.stack([v.detach().float().reshape(()) for v in values.values()]).isfinite()
+        finite = bool(flags.all())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        bad = [k for k, ok in zip(values, flags.tolist(), strict=True) if not ok] or list(values)
+        shown = ", ".join(f"{k}={float(values[k]):g}" for k in bad[:4])
+        raise NonFiniteError(
+            f"non-finite {what} at epoch {self.current_epoch}, step {self.global_step} "
+            f"({shown}): the run is stopped; lower optimizer.lr or check the data"
+        )
 
     def _natural(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.net(x)
@@ -115,6 +137,17 @@ class HolisticModule(pl.LightningModule):
         name = "val/acc" if self.task == "classification" else "val/mse"
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(y))
         self.log(name, metric, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.val_terms.update({"val/loss": loss}, len(y))
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_terms = RunningMeans()
+
+    def on_validation_epoch_end(self) -> None:
+        # before the checkpoint callbacks save this state (they run after the module's hook)
+        if self.trainer.sanity_checking:
+            return
+        train = {f"train/{k}": v for k, v in self.epoch_terms.means().items()}
+        self.check_finite(self.val_terms.means() | train, "loss")
 
     # --- test: natural and adversarial ----------------------------------------------------
     def on_test_epoch_start(self) -> None:

@@ -126,7 +126,11 @@ def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
     console = Console()
     console.print(table)
     chosen = metrics.get("selected") or {}
-    if chosen.get("step") is not None:
+    if metrics.get("eval_only"):
+        console.print(
+            f"evaluated: the checkpoint {metrics.get('checkpoint')} (eval only, no training)"
+        )
+    elif chosen.get("step") is not None:
         console.print(
             f"evaluated: the model of step {chosen['step']} (best {chosen['monitor']} on "
             "validation"

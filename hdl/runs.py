@@ -59,14 +59,34 @@ def run_config(run_dir: Path) -> DictConfig:
     )
 
 
+def read_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's content, or a one-line DataError when it is corrupt, cut short or not a
+    checkpoint of hdl-train (``selected.ckpt`` or a Lightning checkpoint)."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any failure: not a readable checkpoint
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{ckpt}: not a readable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise DataError(f"{ckpt}: holds no model weights (state_dict): not an hdl-train checkpoint")
+    return state
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild a run's data and model from its saved config and load its checkpoint."""
     from hdl.build import build
 
     run_dir, ckpt = find_run(path)
     cfg = run_config(run_dir)
+    state = read_checkpoint(ckpt)
     data, module = build(cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else type(err).__name__
+        raise DataError(
+            f"{ckpt}: does not fit the run's configuration ({detail}): a checkpoint of another run?"
+        ) from None
     module.to(device).eval()
     return LoadedRun(run_dir, ckpt, cfg, data, module)

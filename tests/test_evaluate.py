@@ -85,7 +85,7 @@ def test_sparsity_report_counts_dead_units_and_unused_inputs():
 
 
 def test_evaluate_run_writes_eval_json(tmp_path):
-    run_in_process(["loss=sparse", "data=iris", "loss.sparse.rewind_epoch=0"], tmp_path)
+    run_in_process(["loss=sparse", "data=iris", "loss.sparse.rewind_fraction=0"], tmp_path)
     report = evaluate_run(tmp_path, attacks=["pgd", "fgsm", "pgd_l2"], steps=5)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["robustness"].keys() == {"pgd_linf", "fgsm_linf", "pgd_l2"}
