@@ -209,16 +209,14 @@ def check_checkpoint(
     (same weights and shapes), resumable (training state) when training resumes from it, and,
     for a ``ckpt_path`` of another run folder, of the same configuration (its identity).
     One-line ConfigError otherwise; returns the loaded checkpoint."""
-    import torch
+    from hdl.errors import DataError
+    from hdl.runs import read_checkpoint
 
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure: not a readable checkpoint
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"ckpt_path: {path} is not a readable checkpoint ({reason})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
-        raise ConfigError(f"ckpt_path: {path} holds no model weights (not an hdl-train checkpoint)")
+        state = read_checkpoint(path)  # the one reader: readable, with model weights
+    except DataError as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
     if resume_training and "loops" not in state:
         raise ConfigError(
             f"ckpt_path: {path} holds weights only, not a training state: evaluate it with "
