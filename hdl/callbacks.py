@@ -103,16 +103,12 @@ class ShuffleEpoch(pl.Callback):
             loader.set_epoch(trainer.current_epoch)
 
 
-class SelectBest(pl.Callback):
-    """Model selection on validation: keeps the weights of the best validation check (by
-    ``select.monitor``), counting only checks in the final, hard-mask sparsity round for sparse
-    runs (earlier rounds train a different, soft-masked network). With ``patience``, stops
-    training after that many final-round checks without improvement. The chosen weights are
-    part of the callback's state, so a resumed run keeps them; :meth:`selected` says which step
-    they come from. The test split is never read here."""
+class Selection:
+    """One model's selection on validation: the best value of the monitored metric so far, the
+    step, epoch and weights it came from, and the checks without improvement. Used by
+    :class:`SelectBest` (one run) and by the stacked jobs (one per member, hdl.stacked)."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int | None = None):
-        super().__init__()
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.best: float | None = None
         self.best_step: int | None = None
@@ -121,44 +117,25 @@ class SelectBest(pl.Callback):
         self.checks = 0
         self.stale = 0
 
-    @staticmethod
-    def _eligible(trainer: pl.Trainer) -> bool:
-        from hdl.sparsity import SparsityCallback
-
-        for cb in trainer.callbacks:
-            if isinstance(cb, SparsityCallback):
-                return cb.in_final_round()
-        return True
+    @property
+    def stopped(self) -> bool:
+        """``patience`` checks without improvement: this model's training is over."""
+        return self.patience is not None and self.stale >= self.patience
 
     def _better(self, value: float) -> bool:
         if self.best is None:
             return True
         return value < self.best if self.mode == "min" else value > self.best
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self._eligible(trainer):
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            from hdl.errors import ConfigError
-
-            raise ConfigError(f"select.monitor={self.monitor} is not a logged validation metric")
-        value = float(value)
+    def update(self, value: float, step: int, epoch: int, state) -> None:
+        """Record one eligible validation check; ``state()`` gives the weights to keep."""
         self.checks += 1
         if self._better(value):
-            self.best, self.best_step, self.best_epoch = (
-                value,
-                trainer.global_step,
-                trainer.current_epoch,
-            )
-            self.best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
-            }
+            self.best, self.best_step, self.best_epoch = value, step, epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state().items()}
             self.stale = 0
         else:
             self.stale += 1
-            if self.patience is not None and self.stale >= self.patience:
-                trainer.should_stop = True
 
     def selected(self) -> dict:
         """Which model is evaluated: the step, epoch and monitored value of the chosen check."""
@@ -171,7 +148,7 @@ class SelectBest(pl.Callback):
             "step": self.best_step,
             "epoch": self.best_epoch,
             "checks": self.checks,
-            "stopped_early": self.patience is not None and self.stale >= self.patience,
+            "stopped_early": self.stopped,
         }
 
     def state_dict(self) -> dict:
@@ -189,3 +166,54 @@ class SelectBest(pl.Callback):
             setattr(self, key, state_dict.get(key))
         self.checks = int(state_dict.get("checks", 0))
         self.stale = int(state_dict.get("stale", 0))
+
+
+def selection_eligible(trainer: pl.Trainer) -> bool:
+    """Whether this validation check may choose the model: always, except before the final,
+    hard-mask round of a sparse run (earlier rounds train a different, soft-masked network)."""
+    from hdl.sparsity import SparsityCallback
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, SparsityCallback):
+            return cb.in_final_round()
+    return True
+
+
+class SelectBest(pl.Callback):
+    """Model selection on validation: keeps the weights of the best validation check (by
+    ``select.monitor``), counting only checks in the final, hard-mask sparsity round for sparse
+    runs. With ``patience``, stops training after that many final-round checks without
+    improvement. The chosen weights are part of the callback's state, so a resumed run keeps
+    them; :meth:`selected` says which step they come from. The test split is never read here."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int | None = None):
+        super().__init__()
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.selection = Selection(monitor, mode, patience)
+
+    @property
+    def best_state(self) -> dict | None:
+        return self.selection.best_state
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not selection_eligible(trainer):
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            from hdl.errors import ConfigError
+
+            raise ConfigError(f"select.monitor={self.monitor} is not a logged validation metric")
+        self.selection.update(
+            float(value), trainer.global_step, trainer.current_epoch, pl_module.state_dict
+        )
+        if self.selection.stopped:
+            trainer.should_stop = True
+
+    def selected(self) -> dict:
+        return self.selection.selected()
+
+    def state_dict(self) -> dict:
+        return self.selection.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.selection.load_state_dict(state_dict)

@@ -80,7 +80,7 @@ def robust_cross_entropy(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | Tensor,
     norm: Any = math.inf,
     top_k: int | None = None,
     logits: Tensor | None = None,
@@ -92,11 +92,13 @@ def robust_cross_entropy(
     their natural gap, so the result is still >= cross-entropy (and exact for k >= C - 1).
     Pass ``logits`` only together with an ``x`` that requires grad and produced them (through
     :func:`hdl.batchnorm.per_example_forward`, so batch norm in train mode stays per example).
+    ``eps`` may be a (B,) tensor: one radius per example (the members of a stacked job).
     """
-    if eps < 0:
+    per_example_eps = isinstance(eps, Tensor)  # one radius per example (stacked members)
+    if not per_example_eps and eps < 0:
         raise ConfigError(f"loss.robust.eps must be >= 0, got {eps!r}")
     p = norm_value(norm, NORM_KEY)
-    if eps == 0:
+    if not per_example_eps and eps == 0:
         z = model(x) if logits is None else logits
         return F.cross_entropy(z, y, reduction="none")
     if logits is None:
@@ -139,7 +141,7 @@ def robust_squared_error(
     return (residual + eps * dual_norm(grad.flatten(1), p)).pow(2)
 
 
-def stable_loss(per_example_loss: Tensor, theta: Tensor, ratio: float) -> Tensor:
+def stable_loss(per_example_loss: Tensor, theta: Tensor, ratio: float | Tensor) -> Tensor:
     """theta + mean(relu(l - theta)) / ratio: the loss on the worst ``ratio`` fraction of the batch.
 
     By LP duality its minimum over theta is the CVaR at level ``ratio`` of the B losses, with a
@@ -150,10 +152,14 @@ def stable_loss(per_example_loss: Tensor, theta: Tensor, ratio: float) -> Tensor
     the mean of the m largest losses when m is an integer (and not, in general, the mean of the
     ceil(m) largest). It is separable over examples, so it stays correct under DDP without a
     gather (docs/loss.md, "The stability term").
+
+    Leading dimensions are members (hdl.stacked): losses (N, B), theta and ratio (N,) give the
+    N members' terms, (N,).
     """
-    if not 0.0 < ratio <= 1.0:
+    if not isinstance(ratio, Tensor) and not 0.0 < ratio <= 1.0:
         raise ConfigError(f"loss.stable.ratio must be in (0, 1], got {ratio!r}")
-    return theta + F.relu(per_example_loss - theta).mean() / ratio
+    theta = torch.as_tensor(theta, dtype=per_example_loss.dtype, device=per_example_loss.device)
+    return theta + F.relu(per_example_loss - theta[..., None]).mean(-1) / ratio
 
 
 # --- configuration of the composite loss ---------------------------------------------------
@@ -275,9 +281,15 @@ class HolisticLoss(nn.Module):
     def is_baseline(self) -> bool:
         return not (self.robust.enabled or self.stable.enabled or self.sparse.enabled or self.l2)
 
-    def per_example(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-example (robust) loss and the natural logits/predictions of the batch."""
+    def per_example(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-example (robust) loss and the natural logits/predictions of the batch.
+
+        ``eps`` (B,) replaces ``loss.robust.eps`` with one radius per example (the members of a
+        stacked job, hdl.stacked); first-order robust term only."""
         r = self.robust
+        radius = float(r.eps) if eps is None else eps
         if self.task == "classification":
             if r.enabled and r.method in CERTIFIED_METHODS:  # IBP / CROWN-IBP (hdl/bounds.py)
                 from hdl.bounds import certified_cross_entropy, ramp
@@ -316,9 +328,7 @@ class HolisticLoss(nn.Module):
                 xg = x.detach().requires_grad_(True)
                 with _double_backward_context(model):
                     logits = per_example_forward(model, xg)
-                per = robust_cross_entropy(
-                    model, xg, y, float(r.eps), r.norm, r.top_k, logits=logits
-                )
+                per = robust_cross_entropy(model, xg, y, radius, r.norm, r.top_k, logits=logits)
                 return per, logits
             logits = model(x)
             return F.cross_entropy(logits, y, reduction="none"), logits
@@ -333,7 +343,7 @@ class HolisticLoss(nn.Module):
                 (grad,) = torch.autograd.grad(pred.sum(), xg, create_graph=True)
             residual = (y.reshape(-1) - pred).abs()
             per = (
-                residual + float(r.eps) * dual_norm(grad.flatten(1), norm_value(r.norm, NORM_KEY))
+                residual + radius * dual_norm(grad.flatten(1), norm_value(r.norm, NORM_KEY))
             ).pow(2)
             return per, pred
         pred = model(x).reshape(-1)

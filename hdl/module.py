@@ -214,27 +214,36 @@ class HolisticModule(pl.LightningModule):
 
     # --- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        masks: list[nn.Parameter] = []
-        if self.loss.sparse.enabled:
-            from hdl.sparsity import mask_parameters
+        return optimizer_groups(self)
 
-            masks = mask_parameters(self.net)
-        mask_ids = {id(p) for p in masks}
-        weights = [p for p in self.net.parameters() if id(p) not in mask_ids]
-        groups: list[dict[str, Any]] = [{"params": weights}]
-        if mask_ids:
-            group: dict[str, Any] = {"params": masks, "weight_decay": 0.0}
-            if self.loss.sparse.mask_lr is not None:
-                group["lr"] = float(self.loss.sparse.mask_lr)
-            groups.append(group)
-        loss_params = list(self.loss.parameters())
-        if loss_params:  # theta of the stability term: no weight decay
-            groups.append({"params": loss_params, "weight_decay": 0.0})
-        optimizer = self.optimizer_factory(params=groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+
+def optimizer_groups(module: pl.LightningModule):
+    """The optimizer (and scheduler) of a module with ``net``, ``loss``, ``optimizer_factory``
+    and ``scheduler_factory``: the network's weights, the mask logits (no weight decay, their
+    own ``loss.sparse.mask_lr``) and the loss's θ (no weight decay). Shared by one run's
+    module and a stacked job's (hdl.stacked)."""
+    net, loss = module.net, module.loss
+    masks: list[nn.Parameter] = []
+    if loss.sparse.enabled:
+        from hdl.sparsity import mask_parameters
+
+        masks = mask_parameters(net)
+    mask_ids = {id(p) for p in masks}
+    weights = [p for p in net.parameters() if id(p) not in mask_ids]
+    groups: list[dict[str, Any]] = [{"params": weights}]
+    if mask_ids:
+        group: dict[str, Any] = {"params": masks, "weight_decay": 0.0}
+        if loss.sparse.mask_lr is not None:
+            group["lr"] = float(loss.sparse.mask_lr)
+        groups.append(group)
+    loss_params = list(loss.parameters())
+    if loss_params:  # theta of the stability term: no weight decay
+        groups.append({"params": loss_params, "weight_decay": 0.0})
+    optimizer = module.optimizer_factory(params=groups)
+    if module.scheduler_factory is None:
+        return optimizer
+    scheduler = module.scheduler_factory(optimizer=optimizer)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+    }

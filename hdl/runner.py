@@ -74,7 +74,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     from hdl.identity import write_identity
     from hdl.launch import cluster_plugins, rank_deviation
-    from hdl.report import collect_metrics, print_metrics, write_run_files
     from hdl.resume import resume_checkpoint
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -111,38 +110,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         fit_metrics = dict(trainer.callback_metrics)  # trainer.test resets them
         deviation = rank_deviation(trainer, module) if trainer.world_size > 1 else None
         selected = _load_selected(callbacks, module)
-        validation, val_flags = validation_metrics(module, data)
-        if cfg.get("test", True):
-            if trainer.world_size > 1:  # the whole test set on every rank: exact metrics, logits
-                trainer.test(module, dataloaders=_unsharded_test(data), verbose=False)
-            else:
-                trainer.test(module, datamodule=data, verbose=False)
-        metrics = collect_metrics(cfg, trainer, module, data, run_dir, fit_metrics)
-        metrics["metrics"].update(validation)  # the selected model's, not the last check's
-        check_finite_metrics(metrics["metrics"])
-        metrics["selected"] = selected
-        metrics["budget"] = {"steps": int(trainer.global_step), "max_steps": trainer.max_steps}
-        metrics["flags"] = val_flags + test_flags(module, data)
-        if cfg.get("objective"):
-            from hdl.objective import holistic_objective
-
-            objective = holistic_objective(metrics["metrics"], module, data, cfg.objective)
-            metrics["metrics"].update(objective)
-            if trainer.is_global_zero:  # W&B sweeps read the objective from the run's summary
-                for lg in loggers:
-                    lg.log_metrics(objective, step=trainer.global_step)
-                    lg.save()
-        metrics["resumed_from"] = ckpt_path
-        if deviation is not None:
-            metrics["distributed"] = {
-                "world_size": trainer.world_size,
-                "max_rank_deviation": deviation,
-            }
-        if trainer.is_global_zero:
-            write_run_files(run_dir, metrics, module)
-        _finish_wandb(loggers)  # before the table: W&B prints its own summary when it closes
-        if trainer.is_global_zero and cfg.get("print_metrics", True):
-            print_metrics(metrics, run_dir)
+        metrics = finish_run(
+            cfg, run_dir, module, data, trainer, loggers, fit_metrics, selected, ckpt_path, deviation
+        )
     except SIGTERMException:
         interrupted = True
         raise
@@ -155,6 +125,63 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             gpu_claim.release()
     return metrics
 
+
+
+def finish_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    module,
+    data,
+    trainer,
+    loggers: list,
+    fit_metrics: dict,
+    selected: dict,
+    resumed_from: str | None,
+    deviation: float | None = None,
+    test_trainer=None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """After training: the selected model (already loaded in ``module``) on validation and
+    test, ``metrics.json`` and the run files, the loggers closed, the table printed. One run
+    calls it with its own trainer; a member of a stacked job (hdl.stacked_run) with the stacked
+    job's trainer (steps, epochs, timing) and a ``test_trainer`` of its own (its loggers)."""
+    from hdl.report import collect_metrics, print_metrics, write_run_files
+
+    tester = test_trainer if test_trainer is not None else trainer
+    validation, val_flags = validation_metrics(module, data)
+    if cfg.get("test", True):
+        if tester.world_size > 1:  # the whole test set on every rank: exact metrics, logits
+            tester.test(module, dataloaders=_unsharded_test(data), verbose=False)
+        else:
+            tester.test(module, datamodule=data, verbose=False)
+    metrics = collect_metrics(cfg, trainer, module, data, run_dir, fit_metrics)
+    metrics["metrics"].update(validation)  # the selected model's, not the last check's
+    check_finite_metrics(metrics["metrics"])
+    metrics["selected"] = selected
+    metrics["budget"] = {"steps": int(trainer.global_step), "max_steps": trainer.max_steps}
+    metrics["flags"] = val_flags + test_flags(module, data)
+    if cfg.get("objective"):
+        from hdl.objective import holistic_objective
+
+        objective = holistic_objective(metrics["metrics"], module, data, cfg.objective)
+        metrics["metrics"].update(objective)
+        if trainer.is_global_zero:  # W&B sweeps read the objective from the run's summary
+            for lg in loggers:
+                lg.log_metrics(objective, step=trainer.global_step)
+                lg.save()
+    metrics["resumed_from"] = resumed_from
+    metrics.update(extra or {})
+    if deviation is not None:
+        metrics["distributed"] = {
+            "world_size": trainer.world_size,
+            "max_rank_deviation": deviation,
+        }
+    if trainer.is_global_zero:
+        write_run_files(run_dir, metrics, module)
+    _finish_wandb(loggers)  # before the table: W&B prints its own summary when it closes
+    if trainer.is_global_zero and cfg.get("print_metrics", True):
+        print_metrics(metrics, run_dir)
+    return metrics
 
 def _evaluate_only(cfg: DictConfig, run_dir: Path, data, module, trainer_kwargs) -> dict[str, Any]:
     """``train: false``: load ``ckpt_path`` (a training checkpoint or a ``selected.ckpt``) and
