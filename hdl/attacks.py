@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from hdl.errors import ConfigError
 from hdl.norms import ATTACK_NORMS, parse_norm
@@ -516,7 +517,9 @@ def perturb(
     rng = _domain(x, rng)
     steps = int(steps)
     device = _model_device(model, x.device)
-    with attack_mode(model):
+    # the weights are fixed during an attack: a masked weight (w * m) is computed once, not at
+    # every one of the attack's forwards (Square: one per query)
+    with attack_mode(model), parametrize.cached():
         xd = x.detach().to(device).clone()
         yd = y.detach().to(device).clone()
         with _rng(seed, device, fork=ATTACKS[attack].reseeds) as s:

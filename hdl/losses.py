@@ -389,17 +389,22 @@ class HolisticLoss(nn.Module):
         return out.total, out.terms
 
 
-def weight_norm_sq(model: nn.Module) -> Tensor:
+def weight_norm_sq(model: nn.Module, members: int | None = None) -> Tensor:
     """Squared l2 norm of the network's **effective** weight tensors: the weights of its Linear,
     Conv and RNN layers as the forward pass uses them (``w * m`` under a sparsity mask), biases
     and normalisation parameters excluded.
 
     The penalty is on what the network computes with: a pruned weight costs nothing (its raw
     value behind a zero mask is irrelevant), and, as usual for weight decay, biases and
-    batch-norm scales are not penalised (docs/loss.md, "The total")."""
-    from hdl.sparsity import _weight_modules
+    batch-norm scales are not penalised (docs/loss.md, "The total"). ``members``: the tensors
+    are stacked along a leading member dimension (hdl.stacked); (members,) norms."""
+    from hdl.sparsity import _weight_modules, member_sum
 
-    squares = [getattr(module, name).pow(2).sum() for _, module, name in _weight_modules(model)]
+    squares = [
+        member_sum(getattr(module, name).pow(2), members)
+        for _, module, name in _weight_modules(model)
+    ]
     if not squares:
-        return torch.zeros((), device=next(iter(model.parameters()), torch.zeros(())).device)
-    return torch.stack(squares).sum()
+        shape = () if members is None else (members,)
+        return torch.zeros(shape, device=next(iter(model.parameters()), torch.zeros(())).device)
+    return torch.stack(squares).sum(0)

@@ -222,15 +222,24 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def l0_penalty(model: nn.Module) -> Tensor:
+def member_sum(t: Tensor, members: int | None) -> Tensor:
+    """``t.sum()``, or with ``members`` the (members,) sums over all but the leading member
+    dimension (the stacked networks of hdl.stacked)."""
+    return t.sum() if members is None else t.reshape(members, -1).sum(1)
+
+
+def l0_penalty(model: nn.Module, members: int | None = None) -> Tensor:
     """Mean of all mask entries (the L0 surrogate: the fraction of weights kept, softly); a
     0-dim tensor, 0 when nothing is masked. A mean, not a sum, so that one ``loss.sparse.l0``
-    means the same pressure for a 6,000-weight MLP and a 1M-weight CNN (docs/loss.md)."""
+    means the same pressure for a 6,000-weight MLP and a 1M-weight CNN (docs/loss.md).
+    ``members``: the tensors are stacked along a leading member dimension; (members,) means."""
     found = masks(model)
     if not found:
-        return torch.zeros((), device=_device(model))
-    total = torch.stack([m.mask().sum() for _, m in found]).sum()
-    return total / sum(m.logits.numel() for _, m in found)
+        shape = () if members is None else (members,)
+        return torch.zeros(shape, device=_device(model))
+    total = torch.stack([member_sum(m.mask(), members) for _, m in found]).sum(0)
+    numel = sum(m.logits.numel() for _, m in found)
+    return total / (numel if members is None else numel // members)
 
 
 @torch.no_grad()

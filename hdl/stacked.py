@@ -61,22 +61,6 @@ def check_stackable(members: Sequence[nn.Module]) -> None:
                 raise ConfigError(f"stacked: member {i} has another buffer {name} than member 0")
 
 
-class _Penalties(nn.Module):
-    """The network's own penalty terms, as a module so that ``functional_call`` can evaluate
-    them on one member's parameters: the mean mask entry (l0) and the squared l2 norm of the
-    effective weights."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self) -> Tensor:
-        from hdl.losses import weight_norm_sq
-        from hdl.sparsity import l0_penalty
-
-        return torch.stack([l0_penalty(self.net), weight_norm_sq(self.net)])
-
-
 class StackedNet(nn.Module):
     """N networks of one architecture as one module; ``forward`` takes the members' batches
     concatenated, (N * B, ...), and returns (N * B, ...) outputs.
@@ -98,8 +82,6 @@ class StackedNet(nn.Module):
             owner._parameters[leaf] = nn.Parameter(stacked, requires_grad=param.requires_grad)
         self.base = base
         self.size = len(members)
-        # not a registered submodule: its parameters are base's (no second copy in state_dict)
-        self.__dict__["_penalties"] = _Penalties(base)
 
     def _params(self) -> dict[str, Tensor]:
         return dict(self.base.named_parameters())
@@ -117,10 +99,12 @@ class StackedNet(nn.Module):
 
     def penalties(self) -> tuple[Tensor, Tensor]:
         """Per-member (l0, l2) penalties, each (N,): the mean mask entry and the squared norm
-        of the effective weights, computed on each member's own parameters."""
-        params = {f"net.{k}": v for k, v in self._params().items()}
-        values = vmap(lambda p: functional_call(self._penalties, p, ()))(params)
-        return values[:, 0], values[:, 1]
+        of the effective weights. ``base`` holds the stacked tensors and masks act element-wise,
+        so the penalty functions run on it directly, reducing per member."""
+        from hdl.losses import weight_norm_sq
+        from hdl.sparsity import l0_penalty
+
+        return l0_penalty(self.base, self.size), weight_norm_sq(self.base, self.size)
 
     @torch.no_grad()
     def member_state(self, i: int) -> dict[str, Tensor]:

@@ -74,6 +74,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from hdl.stacked_launcher import register
+
+    register()  # hydra/launcher=stacked
     _hydra_main()
     from hdl import sweep
 

@@ -1,0 +1,229 @@
+"""``hydra/launcher=stacked``: a Hydra launcher that trains the jobs of a multirun whose
+structure matches (hdl.stacking) as stacked jobs (hdl.stacked_run), and the others normally,
+in ``n_jobs`` worker processes (docs/stacked.md).
+
+    hdl-train -m hydra/launcher=stacked loss=holistic data.split_seed=0,1,2,3,4
+
+Every member still gets its own job folder from Hydra (``.hydra/``, its log) and writes the same
+files as a separate run. Hydra only instantiates launchers from the ``hydra_plugins`` package;
+:func:`register` makes this one known under :data:`PLUGIN_NAME` (``hdl-train`` calls it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+PLUGIN_NAME = "hydra_plugins.hdl_stacked_launcher.StackedLauncher"
+log = logging.getLogger(__name__)
+
+
+def register() -> None:
+    """Make the launcher instantiable by Hydra as ``_target_: PLUGIN_NAME``."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()
+    plugins.register(StackedLauncher)
+    plugins.class_name_to_class[PLUGIN_NAME] = StackedLauncher
+
+
+def _default_workers() -> int:
+    """One worker per GPU when there are GPUs, else per CPU core."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return max(len([d for d in visible.split(",") if d.strip()]), 1)
+    return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 1)
+
+
+def plan_tasks(keys: Sequence[str | None], max_members: int, workers: int) -> list[list[int]]:
+    """Job indices per task: jobs of one key form groups of at most ``max_members`` (split
+    further while there are fewer tasks than workers), jobs without a key run alone. Largest
+    tasks first."""
+    groups: dict[str, list[int]] = {}
+    tasks: list[list[int]] = []
+    for index, key in enumerate(keys):
+        if key is None:
+            tasks.append([index])
+        else:
+            groups.setdefault(key, []).append(index)
+    for members in groups.values():
+        parts = max(math.ceil(len(members) / max_members), 1)
+        size = math.ceil(len(members) / parts)
+        tasks += [members[i : i + size] for i in range(0, len(members), size)]
+    while len(tasks) < workers:
+        tasks.sort(key=len, reverse=True)
+        if len(tasks[0]) < 2:
+            break
+        big = tasks.pop(0)
+        half = math.ceil(len(big) / 2)
+        tasks += [big[:half], big[half:]]
+    return sorted(tasks, key=len, reverse=True)
+
+
+def _job_config(hydra_context: HydraContext, config: DictConfig, overrides, num: int):
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
+        sweep_config.hydra.job.num = num
+    return sweep_config
+
+
+def _prepare(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """The task run inside Hydra's job set-up for a member: its folder, ``.hydra/`` files and
+    log exist; its config is resolved now, under its own HydraConfig."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from hdl.stacked_run import resolved_task
+
+    return resolved_task(cfg), Path(HydraConfig.get().runtime.output_dir)
+
+
+def _execute(
+    task: list[tuple[int, Sequence[str]]],
+    hydra_context: HydraContext,
+    config: DictConfig,
+    task_function: TaskFunction,
+    singleton_state: dict[Any, Any],
+    sweep_dir: str,
+) -> list[JobReturn]:
+    """One worker task: a job alone (as Hydra's joblib launcher runs it) or a stacked group."""
+    from hydra.core.hydra_config import HydraConfig
+
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    if len(task) == 1:
+        num, overrides = task[0]
+        sweep_config = _job_config(hydra_context, config, overrides, num)
+        HydraConfig.instance().set_config(sweep_config)
+        return [
+            run_job(
+                hydra_context=hydra_context,
+                config=sweep_config,
+                task_function=task_function,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        ]
+    from hdl.stacked_run import group_id, run_stacked
+
+    prepared: list[JobReturn] = []
+    for num, overrides in task:
+        sweep_config = _job_config(hydra_context, config, overrides, num)
+        HydraConfig.instance().set_config(sweep_config)
+        prepared.append(
+            run_job(
+                hydra_context=hydra_context,
+                config=sweep_config,
+                task_function=_prepare,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        )
+    jobs = [ret.return_value for ret in prepared]
+    group_dir = Path(sweep_dir) / "stacked" / group_id([d for _, d in jobs])
+    results = run_stacked(jobs, group_dir=group_dir)
+    returns = []
+    for ret, (cfg, run_dir), result in zip(prepared, jobs, results, strict=True):
+        if isinstance(result, BaseException):
+            code = getattr(result, "exit_code", 1)
+            print(f"job failed (exit {code}): {run_dir}/error.txt", file=sys.stderr)
+            if cfg.get("on_failure", "continue") == "continue":
+                ret.return_value = None
+            else:
+                ret.status = JobStatus.FAILED
+                ret.return_value = result
+        else:
+            objective = cfg.get("optimized_metric")
+            ret.return_value = result["metrics"].get(objective) if objective else None
+        returns.append(ret)
+    return returns
+
+
+class StackedLauncher(Launcher):
+    """Groups a multirun's jobs by stacking key and runs each group as one stacked job."""
+
+    def __init__(self, n_jobs: int | None = None, max_members: int = 64, stack: bool = True):
+        self.n_jobs = int(n_jobs) if n_jobs else _default_workers()
+        if int(max_members) < 1:
+            from hdl.errors import ConfigError
+
+            raise ConfigError(f"hydra.launcher.max_members must be >= 1, got {max_members!r}")
+        self.max_members = int(max_members)
+        self.stack = bool(stack)
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
+
+    def _keys(self, job_overrides: Sequence[Sequence[str]], first: int) -> list[str | None]:
+        from hydra.core.hydra_config import HydraConfig
+
+        from hdl.stacked_run import resolved_task
+        from hdl.stacking import stacking_key
+        from hdl.sweep import compose_job
+
+        keys: list[str | None] = []
+        saved = HydraConfig.instance().cfg
+        try:
+            for offset, overrides in enumerate(job_overrides):
+                job, _ = compose_job(self.config, list(overrides), first + offset)
+                HydraConfig.instance().set_config(job)
+                key, reason = stacking_key(resolved_task(job)) if self.stack else (None, "off")
+                if reason is not None and self.stack:
+                    log.info(f"job #{first + offset} runs alone: {reason}")
+                keys.append(key)
+        finally:
+            HydraConfig.instance().cfg = saved
+        return keys
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        from joblib import Parallel, delayed
+
+        assert self.config is not None and self.hydra_context is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        keys = self._keys(job_overrides, initial_job_idx)
+        tasks = plan_tasks(keys, self.max_members, self.n_jobs)
+        sizes = ", ".join(str(len(t)) for t in tasks)
+        print(
+            f"stacked launcher: {len(job_overrides)} jobs as {len(tasks)} tasks "
+            f"(members: {sizes}) on {self.n_jobs} workers",
+            file=sys.stderr,
+        )
+        singleton_state = Singleton.get_state()
+        work = [[(initial_job_idx + i, job_overrides[i]) for i in task] for task in tasks]
+        runs = Parallel(n_jobs=min(self.n_jobs, len(work)), backend="loky")(
+            delayed(_execute)(
+                task,
+                self.hydra_context,
+                self.config,
+                self.task_function,
+                singleton_state,
+                str(sweep_dir.absolute()),
+            )
+            for task in work
+        )
+        by_index: dict[int, JobReturn] = {}
+        for task, returns in zip(work, runs, strict=True):
+            for (num, _), ret in zip(task, returns, strict=True):
+                by_index[num] = ret
+        return [by_index[initial_job_idx + i] for i in range(len(job_overrides))]
