@@ -111,7 +111,16 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         deviation = rank_deviation(trainer, module) if trainer.world_size > 1 else None
         selected = _load_selected(callbacks, module)
         metrics = finish_run(
-            cfg, run_dir, module, data, trainer, loggers, fit_metrics, selected, ckpt_path, deviation
+            cfg,
+            run_dir,
+            module,
+            data,
+            trainer,
+            loggers,
+            fit_metrics,
+            selected,
+            ckpt_path,
+            deviation,
         )
     except SIGTERMException:
         interrupted = True
@@ -124,7 +133,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if gpu_claim is not None:
             gpu_claim.release()
     return metrics
-
 
 
 def finish_run(
@@ -182,6 +190,7 @@ def finish_run(
     if trainer.is_global_zero and cfg.get("print_metrics", True):
         print_metrics(metrics, run_dir)
     return metrics
+
 
 def _evaluate_only(cfg: DictConfig, run_dir: Path, data, module, trainer_kwargs) -> dict[str, Any]:
     """``train: false``: load ``ckpt_path`` (a training checkpoint or a ``selected.ckpt``) and

@@ -49,7 +49,9 @@ def check_stackable(members: Sequence[nn.Module]) -> None:
                 "alone); run these jobs separately"
             )
         if isinstance(module, nn.RNNBase):
-            raise ConfigError("stacked: recurrent layers are not stacked; run these jobs separately")
+            raise ConfigError(
+                "stacked: recurrent layers are not stacked; run these jobs separately"
+            )
     shapes = {n: tuple(p.shape) for n, p in first.named_parameters()}
     buffers = dict(first.named_buffers())
     for i, other in enumerate(members[1:], start=1):
@@ -197,9 +199,7 @@ class StackedModule(pl.LightningModule):
             thetas = torch.stack([m.loss.theta.detach() for m in members]).clone()
             self.loss.theta = nn.Parameter(thetas)
         self.register_buffer("eps", _member_values(members, lambda m: m.loss.robust.eps))
-        self.register_buffer(
-            "ratio", _member_values(members, lambda m: m.loss.stable.ratio or 1.0)
-        )
+        self.register_buffer("ratio", _member_values(members, lambda m: m.loss.stable.ratio or 1.0))
         self.register_buffer("l0", _member_values(members, lambda m: m.loss.sparse.l0))
         self.register_buffer("l2", _member_values(members, lambda m: m.loss.l2))
         self.task = loss.task

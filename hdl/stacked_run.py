@@ -50,7 +50,11 @@ def _rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -76,9 +80,11 @@ def run_stacked(
 
     from hdl.build import build
     from hdl.config import check_light
+    from hdl.console import quiet
     from hdl.failures import clear_failure
     from hdl.identity import check_identity
 
+    quiet(any(cfg.get("verbose") is True for cfg, _ in jobs))
     results: list[dict[str, Any] | BaseException | None] = [None] * len(jobs)
     members: list[tuple[int, DictConfig, Path, Any, Any, dict]] = []
     for index, (cfg, run_dir) in enumerate(jobs):
@@ -162,8 +168,18 @@ def _train_and_finish(members, results, group_dir: Path | None) -> None:
         for i, (index, cfg, run_dir, member_data, module, rng) in enumerate(members):
             try:
                 results[index] = _finish_member(
-                    i, cfg, run_dir, member_data, module, rng, stacked, selector, trainer,
-                    shared, ckpt_path, len(members),
+                    i,
+                    cfg,
+                    run_dir,
+                    member_data,
+                    module,
+                    rng,
+                    stacked,
+                    selector,
+                    trainer,
+                    shared,
+                    ckpt_path,
+                    len(members),
                 )
             except Exception as err:  # noqa: BLE001 - this member fails, the others go on
                 _record(run_dir, err)
@@ -196,7 +212,9 @@ def _finish_member(
     module.to(stacked.device)
     fit_metrics: dict[str, Any] = dict(shared)
     for entry in stacked.history:  # the last epoch's training terms and the last check's values
-        fit_metrics.update({k: float(v[i]) for k, v in entry.items() if k.startswith(("train/", "val/"))})
+        fit_metrics.update(
+            {k: float(v[i]) for k, v in entry.items() if k.startswith(("train/", "val/"))}
+        )
     loggers = build_loggers(cfg, run_dir)
     failed = False
     try:

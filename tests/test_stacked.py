@@ -1,0 +1,219 @@
+"""Stacked training (hdl/stacked.py, hdl/stacked_run.py, hdl/stacking.py, hydra/launcher=stacked):
+a member of a stacked job ends where the same configuration run alone ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hdl.errors import ConfigError
+from tests.conftest import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [
+    "logger=csv",
+    "trainer=cpu",
+    "print_metrics=false",
+    "~callbacks.progress_bar",
+    "budget.steps=30",
+    "budget.val_checks=3",
+    "eval.eps=[0.1]",
+    "eval.steps=5",
+    "eval.square_check=false",
+]
+# member 1 differs from member 0 in split, init seed and the preset's own value
+KNOB = {
+    "baseline": [],
+    "robust": ["loss.robust.eps=0.2"],
+    "stable": ["loss.stable.ratio=0.6"],
+    "sparse": ["loss.sparse.l0=0.1"],
+    "holistic": ["loss.robust.eps=0.2", "loss.sparse.l0=0.1"],
+}
+
+
+def _job(overrides: list[str], run_dir: Path):
+    from hdl.stacked_run import resolved_task
+
+    return resolved_task(compose([*FAST, *overrides], run_dir)), run_dir
+
+
+def _members(tmp_path: Path, base: list[str], loss: str, tag: str):
+    return [
+        _job([*base, f"loss={loss}", "data.split_seed=0", "seed=0"], tmp_path / f"{tag}0"),
+        _job(
+            [*base, f"loss={loss}", "data.split_seed=1", "seed=1", *KNOB[loss]],
+            tmp_path / f"{tag}1",
+        ),
+    ]
+
+
+def _compare(stacked: dict, alone: dict, run_dirs: tuple[Path, Path], weight_atol: float):
+    keys = [k for k in alone["metrics"] if k.startswith(("test/", "val/", "params/"))]
+    assert keys and any(k.startswith("test/pgd") for k in keys)
+    for key in keys:
+        assert stacked["metrics"][key] == pytest.approx(alone["metrics"][key], abs=1e-6), key
+    assert stacked["selected"]["step"] == alone["selected"]["step"]
+    a = np.load(run_dirs[0] / "weights.npz")
+    b = np.load(run_dirs[1] / "weights.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        np.testing.assert_allclose(a[name], b[name], atol=weight_atol, rtol=0)
+    for name in ("metrics.json", "predictions.npz", "weights.npz", "selected.ckpt"):
+        assert (run_dirs[0] / name).is_file(), name
+    assert stacked["stacked"]["members"] == 2
+
+
+@pytest.mark.parametrize("loss", ["baseline", "robust", "stable", "sparse", "holistic"])
+def test_mlp_member_equals_the_run_alone(tmp_path, loss):
+    from hdl.runner import run
+    from hdl.stacked_run import run_stacked
+
+    base = ["data=breast_cancer", "model.hidden=[16,16]"]
+    members = _members(tmp_path, base, loss, "stacked")
+    results = run_stacked(members)
+    assert all(isinstance(r, dict) for r in results), results
+    for i, (cfg, run_dir) in enumerate(_members(tmp_path, base, loss, "alone")):
+        alone = run(cfg, run_dir)
+        _compare(results[i], alone, (members[i][1], run_dir), weight_atol=1e-5)
+    if loss in ("stable", "holistic"):
+        assert "train/theta" in results[0]["metrics"]
+
+
+@pytest.mark.parametrize("loss", ["baseline", "holistic"])
+def test_cnn_member_equals_the_run_alone(tmp_path, loss):
+    """Convolutions under vmap round differently from one network's: bounded, not bitwise."""
+    from hdl.runner import run
+    from hdl.stacked_run import run_stacked
+
+    base = ["data=digits_images", "data.limit=300", "model=cnn", "model.channels=[4,8]"]
+    base += ["model.hidden=[16]", "budget.steps=12"]
+    members = _members(tmp_path, base, loss, "stacked")
+    results = run_stacked(members)
+    assert all(isinstance(r, dict) for r in results), results
+    for i, (cfg, run_dir) in enumerate(_members(tmp_path, base, loss, "alone")):
+        alone = run(cfg, run_dir)
+        _compare(results[i], alone, (members[i][1], run_dir), weight_atol=1e-4)
+
+
+def test_stacked_net_forward_and_robust_gradients_are_each_members():
+    """The math, directly: outputs, the robust loss and its weight gradients of each member."""
+    from hdl.losses import HolisticLoss
+    from hdl.models.mlp import MLP
+    from hdl.sparsity import add_masks, l0_penalty
+    from hdl.stacked import StackedNet
+
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = MLP(input_shape=[5], num_outputs=3, hidden=[8])
+        add_masks(net, 0.1)
+        nets.append(net)
+    stacked = StackedNet(nets)
+    x, y = torch.randn(3, 4, 5), torch.randint(0, 3, (3, 4))
+    out = stacked(x.reshape(12, 5)).reshape(3, 4, 3)
+    for i, net in enumerate(nets):
+        torch.testing.assert_close(out[i], net(x[i]))
+    loss = HolisticLoss(robust={"eps": 0.1})
+    eps = torch.tensor([0.1, 0.2, 0.3]).repeat_interleave(4)
+    per, _ = loss.per_example(stacked, x.reshape(12, 5), y.reshape(12), eps=eps)
+    per.view(3, 4).mean(1).sum().backward()
+    for i, net in enumerate(nets):
+        alone = HolisticLoss(robust={"eps": 0.1 * (i + 1)})
+        p, _ = alone.per_example(net, x[i], y[i])
+        p.mean().backward()
+        torch.testing.assert_close(per.view(3, 4)[i], p.detach(), rtol=1e-5, atol=1e-6)
+        for name, param in net.named_parameters():
+            torch.testing.assert_close(stacked.base.get_parameter(name).grad[i], param.grad)
+    l0, _ = stacked.penalties()
+    torch.testing.assert_close(l0, torch.stack([l0_penalty(n) for n in nets]).detach())
+
+
+def test_what_would_couple_members_is_refused():
+    from hdl.models.mlp import MLP
+    from hdl.stacked import StackedNet
+
+    with pytest.raises(ConfigError, match="batch norm"):
+        StackedNet([MLP(input_shape=[4], num_outputs=2, hidden=[4], batch_norm=True)] * 2)
+    with pytest.raises(ConfigError, match="dropout"):
+        StackedNet([MLP(input_shape=[4], num_outputs=2, hidden=[4], dropout=0.5)] * 2)
+    with pytest.raises(ConfigError, match="other parameters"):
+        StackedNet(
+            [
+                MLP(input_shape=[4], num_outputs=2, hidden=[4]),
+                MLP(input_shape=[4], num_outputs=2, hidden=[5]),
+            ]
+        )
+
+
+def _key(overrides: list[str]):
+    from hdl.stacking import stacking_key
+
+    return stacking_key(_job(overrides, Path("/tmp/hdl-key"))[0])
+
+
+def test_stacking_key_groups_values_and_separates_structure():
+    base = ["loss=robust", "data=iris"]
+    key, reason = _key(base)
+    assert reason is None
+    assert _key([*base, "loss.robust.eps=0.3", "data.split_seed=2", "seed=5"])[0] == key
+    assert _key([*base, "loss.robust.eps=0"])[0] != key  # the term switched off: structure
+    assert _key([*base, "optimizer.lr=0.01"])[0] != key
+    assert _key([*base, "model.hidden=[8]"])[0] != key
+    assert _key([*base, "model.dropout=0.2"]) == (None, "dropout")
+    assert _key(["loss=pgd_at", "data=iris"])[0] is None
+    assert _key([*base, "trainer.gradient_clip_val=1.0"]) == (None, "a gradient-norm clip")
+
+
+def test_plan_tasks_caps_members_and_fills_workers():
+    from hdl.stacked_launcher import plan_tasks
+
+    keys = ["a"] * 5 + ["b"] * 3 + [None]
+    tasks = plan_tasks(keys, max_members=4, workers=2)
+    assert sorted(i for t in tasks for i in t) == list(range(9))
+    assert max(len(t) for t in tasks) <= 4
+    assert [8] in tasks  # the job without a key runs alone
+    assert all(len({keys[i] for i in t}) == 1 for t in tasks)
+    assert len(plan_tasks(["a"] * 6, max_members=64, workers=3)) == 3
+
+
+def test_stacked_launcher_sweep_writes_every_member_folder(tmp_path):
+    """One command, 2 presets x 2 splits: two stacked jobs in two worker processes; every job
+    folder holds what a separate run writes, and the sweep summary counts them all."""
+    sweep_dir = tmp_path / "sweep"
+    env = dict(os.environ, WANDB_MODE="offline")
+    cmd = [
+        sys.executable,
+        "-m",
+        "hdl.train",
+        "-m",
+        "hydra/launcher=stacked",
+        "hydra.launcher.n_jobs=2",
+        "data=iris",
+        *FAST,
+        "threads=1",
+        "loss=baseline,holistic",
+        "data.split_seed=0,1",
+        "model.dropout=0.0",
+        f"hydra.sweep.dir={sweep_dir}",
+        "run_id=stk",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 jobs as 2 tasks" in proc.stderr
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/.hydra"))
+    assert len(jobs) == 4
+    for job in jobs:
+        for name in ("metrics.json", "predictions.npz", "weights.npz", "selected.ckpt"):
+            assert (job / name).is_file(), (job, name)
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["stacked"]["members"] == 2
+        assert (job / "csv" / "metrics.csv").is_file()
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert summary["ok"] == 4
