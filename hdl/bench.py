@@ -351,6 +351,16 @@ def report(result: dict[str, Any]) -> str:
             ("ratio_nolog", "no-log x plain", ".2f"),
         ]
         out += [format_table(result["overhead"], cols)]
+    if result.get("stacked"):
+        out += ["", "stacked training: one step of N members (tabular MLP), separate vs stacked:"]
+        cols = [
+            ("variant", "variant", ""),
+            ("members", "N", ""),
+            ("separate_ms", "separate ms", ".1f"),
+            ("stacked_ms", "stacked ms", ".1f"),
+            ("speedup", "speed-up", ".2f"),
+        ]
+        out += [format_table(result["stacked"], cols)]
     return "\n".join(out)
 
 
@@ -406,6 +416,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         _progress("Lightning overhead")
         result["overhead"] = lightning_overhead(cfg.overhead, device, clock, int(cfg.seed))
+    if cfg.get("stacked") and cfg.stacked.enabled:
+        from hdl.bench_stacked import bench_stacked
+
+        _progress("stacked vs separate members")
+        result["stacked"] = bench_stacked(cfg.stacked, cfg.variants, clock)
     result["seconds"] = time.perf_counter() - start
     result["config"] = OmegaConf.to_container(cfg, resolve=True)
     return result
