@@ -233,8 +233,8 @@ def optimizer_groups(module: pl.LightningModule):
     groups: list[dict[str, Any]] = [{"params": weights}]
     if mask_ids:
         group: dict[str, Any] = {"params": masks, "weight_decay": 0.0}
-        if loss.sparse.mask_lr is not None:
-            group["lr"] = float(loss.sparse.mask_lr)
+        if loss.sparse.mask_lr is not None:  # its own rate: not scaled per stacked member
+            group.update(lr=float(loss.sparse.mask_lr), own_lr=True)
         groups.append(group)
     loss_params = list(loss.parameters())
     if loss_params:  # theta of the stability term: no weight decay

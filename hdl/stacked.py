@@ -169,6 +169,12 @@ class StackedData(pl.LightningDataModule):
         return ZipBatches([data.val_dataloader() for data in self.members])
 
 
+def _learning_rate(factory: Any) -> float | None:
+    """The ``lr`` a (partial) optimizer factory was configured with, None if not visible."""
+    keywords = getattr(factory, "keywords", None) or {}
+    return float(keywords["lr"]) if "lr" in keywords else None
+
+
 def _member_values(members: Sequence[Any], get) -> Tensor:
     return torch.tensor([float(get(m)) for m in members])
 
@@ -203,6 +209,19 @@ class StackedModule(pl.LightningModule):
         self.register_buffer("l0", _member_values(members, lambda m: m.loss.sparse.l0))
         self.register_buffer("l2", _member_values(members, lambda m: m.loss.l2))
         self.task = loss.task
+        rates = [_learning_rate(m.optimizer_factory) for m in members]
+        self.register_buffer("lr_scale", None)  # None: every member at member 0's rate
+        if len(set(rates)) > 1:  # a member's update is scaled to its own rate (optimizer_step)
+            optimizer = getattr(first.optimizer_factory, "func", None)
+            if None in rates or optimizer not in (torch.optim.Adam, torch.optim.SGD):
+                raise ConfigError(
+                    "stacked: members differ in optimizer.lr, which only Adam and SGD allow"
+                )
+            if first.scheduler_factory is not None:
+                raise ConfigError(
+                    "stacked: members differ in optimizer.lr under a learning-rate scheduler"
+                )
+            self.register_buffer("lr_scale", torch.tensor([r / rates[0] for r in rates]))
         self.optimizer_factory = first.optimizer_factory
         self.scheduler_factory = first.scheduler_factory
         self.__dict__["members"] = list(members)  # not submodules: their weights are unstacked
@@ -264,10 +283,9 @@ class StackedModule(pl.LightningModule):
             correct = (outputs.detach().argmax(1) == y).float()
             terms["acc"] = correct.view(self.size, -1).mean(1)
         self.epoch_terms.update(terms, len(y) // self.size)
-        total = totals.sum()  # each member's gradient is its own total's
-        if batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
-            self.log("train/loss", totals.detach().mean(), prog_bar=True, batch_size=len(y))
-        return total
+        # no per-step self.log: the members' terms go to their own loggers (history), and a
+        # Lightning log call costs more than a small member's step
+        return totals.sum()  # each member's gradient is its own total's
 
     def on_train_epoch_start(self) -> None:
         self.epoch_terms = RunningMeans()
@@ -330,6 +348,26 @@ class StackedModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return optimizer_groups(self)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Members with their own learning rates: the optimizer steps at member 0's rate and
+        each member's update is scaled by its rate's ratio to it. Exact for optimizers whose
+        update is the rate times a direction independent of it (Adam, SGD; hdl.stacking), up to
+        the rounding of recovering the update from the parameters."""
+        if self.lr_scale is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        scaled = [
+            p
+            for group in optimizer.param_groups
+            if not group.get("own_lr")
+            for p in group["params"]
+        ]
+        before = [p.detach().clone() for p in scaled]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        with torch.no_grad():
+            for p, old in zip(scaled, before, strict=True):
+                scale = self.lr_scale.view(-1, *([1] * (p.dim() - 1)))
+                p.copy_(old + scale * (p - old))
 
 
 class StackedSelectBest(pl.Callback):

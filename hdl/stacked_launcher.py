@@ -23,7 +23,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 PLUGIN_NAME = "hydra_plugins.hdl_stacked_launcher.StackedLauncher"
 log = logging.getLogger(__name__)
@@ -79,6 +79,12 @@ def _job_config(hydra_context: HydraContext, config: DictConfig, overrides, num:
     return sweep_config
 
 
+def _warm_up() -> None:
+    """Import the training stack in a worker while the launcher still composes the jobs."""
+    import hdl.runner  # noqa: F401
+    import hdl.stacked_run  # noqa: F401
+
+
 def _prepare(cfg: DictConfig) -> tuple[DictConfig, Path]:
     """The task run inside Hydra's job set-up for a member: its folder, ``.hydra/`` files and
     log exist; its config is resolved now, under its own HydraConfig."""
@@ -90,21 +96,20 @@ def _prepare(cfg: DictConfig) -> tuple[DictConfig, Path]:
 
 
 def _execute(
-    task: list[tuple[int, Sequence[str]]],
+    task: list[tuple[int, DictConfig]],
     hydra_context: HydraContext,
-    config: DictConfig,
     task_function: TaskFunction,
     singleton_state: dict[Any, Any],
     sweep_dir: str,
 ) -> list[JobReturn]:
-    """One worker task: a job alone (as Hydra's joblib launcher runs it) or a stacked group."""
+    """One worker task: a job alone (as Hydra's joblib launcher runs it) or a stacked group.
+    ``task`` holds the jobs' composed configs (composed once, by the launcher)."""
     from hydra.core.hydra_config import HydraConfig
 
     setup_globals()
     Singleton.set_state(singleton_state)
     if len(task) == 1:
-        num, overrides = task[0]
-        sweep_config = _job_config(hydra_context, config, overrides, num)
+        _, sweep_config = task[0]
         HydraConfig.instance().set_config(sweep_config)
         return [
             run_job(
@@ -118,8 +123,7 @@ def _execute(
     from hdl.stacked_run import group_id, run_stacked
 
     prepared: list[JobReturn] = []
-    for num, overrides in task:
-        sweep_config = _job_config(hydra_context, config, overrides, num)
+    for _, sweep_config in task:
         HydraConfig.instance().set_config(sweep_config)
         prepared.append(
             run_job(
@@ -170,38 +174,53 @@ class StackedLauncher(Launcher):
     ) -> None:
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
-    def _keys(self, job_overrides: Sequence[Sequence[str]], first: int) -> list[str | None]:
+    def _compose(
+        self, job_overrides: Sequence[Sequence[str]], first: int
+    ) -> tuple[list[DictConfig], list[str | None]]:
+        """Every job's composed config (as Hydra's joblib launcher composes it) and its
+        stacking key (None: the job runs alone)."""
         from hydra.core.hydra_config import HydraConfig
 
         from hdl.stacked_run import resolved_task
         from hdl.stacking import stacking_key
-        from hdl.sweep import compose_job
 
+        configs: list[DictConfig] = []
         keys: list[str | None] = []
         saved = HydraConfig.instance().cfg
         try:
             for offset, overrides in enumerate(job_overrides):
-                job, _ = compose_job(self.config, list(overrides), first + offset)
+                job = _job_config(self.hydra_context, self.config, overrides, first + offset)
+                configs.append(job)
+                if not self.stack:
+                    keys.append(None)
+                    continue
+                # this job's ${hydra:runtime.output_dir} (run_job sets the same again)
+                out = Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir)
+                with read_write(job.hydra.runtime), open_dict(job.hydra.runtime):
+                    job.hydra.runtime.output_dir = str(out.absolute())
                 HydraConfig.instance().set_config(job)
-                key, reason = stacking_key(resolved_task(job)) if self.stack else (None, "off")
-                if reason is not None and self.stack:
+                key, reason = stacking_key(resolved_task(job))
+                if reason is not None:
                     log.info(f"job #{first + offset} runs alone: {reason}")
                 keys.append(key)
         finally:
             HydraConfig.instance().cfg = saved
-        return keys
+        return configs, keys
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from joblib import Parallel, delayed
+        from joblib.externals.loky import get_reusable_executor
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        keys = self._keys(job_overrides, initial_job_idx)
+        workers = max(min(self.n_jobs, len(job_overrides)), 1)
+        executor = get_reusable_executor(max_workers=workers)
+        warm = [executor.submit(_warm_up) for _ in range(workers)]  # imports overlap composing
+        configs, keys = self._compose(job_overrides, initial_job_idx)
         tasks = plan_tasks(keys, self.max_members, self.n_jobs)
         sizes = ", ".join(str(len(t)) for t in tasks)
         print(
@@ -210,18 +229,21 @@ class StackedLauncher(Launcher):
             file=sys.stderr,
         )
         singleton_state = Singleton.get_state()
-        work = [[(initial_job_idx + i, job_overrides[i]) for i in task] for task in tasks]
-        runs = Parallel(n_jobs=min(self.n_jobs, len(work)), backend="loky")(
-            delayed(_execute)(
+        work = [[(initial_job_idx + i, configs[i]) for i in task] for task in tasks]
+        for future in warm:
+            future.result()
+        futures = [
+            executor.submit(
+                _execute,
                 task,
                 self.hydra_context,
-                self.config,
                 self.task_function,
                 singleton_state,
                 str(sweep_dir.absolute()),
             )
             for task in work
-        )
+        ]
+        runs = [future.result() for future in futures]
         by_index: dict[int, JobReturn] = {}
         for task, returns in zip(work, runs, strict=True):
             for (num, _), ret in zip(task, returns, strict=True):

@@ -119,7 +119,7 @@ def run_stacked(
 
 
 def _train_and_finish(members, results, group_dir: Path | None) -> None:
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
     from hdl.budget import SelectConfig
     from hdl.build import build_callbacks, instantiate, trainer_settings
@@ -133,11 +133,14 @@ def _train_and_finish(members, results, group_dir: Path | None) -> None:
     stacked = StackedModule(modules)
     data = StackedData([m[3] for m in members])
     trainer_kwargs, gpu_claim = trainer_settings(cfg0)
+    # per member below (selection), the group's (checkpoint), or none: one progress bar for N
+    # members in a worker process of a sweep tells little and costs a millisecond a step
     callbacks = [
         cb
         for cb in build_callbacks(cfg0, stacked.loss)
-        if not isinstance(cb, ModelCheckpoint | SelectBest)  # per member below, or the group's
+        if not isinstance(cb, ModelCheckpoint | SelectBest | ProgressBar)
     ]
+    trainer_kwargs["enable_progress_bar"] = False
     select = SelectConfig.from_mapping(plain(cfg0.get("select")))
     selector = StackedSelectBest(len(modules), select.monitor, select.mode, select.patience)
     callbacks.append(selector)

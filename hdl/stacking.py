@@ -29,6 +29,10 @@ MEMBER_KEYS = frozenset(
         "loss.l2",
     }
 )
+# optimizer.lr is a member's value too where the update is the learning rate times a direction
+# that does not depend on it (Adam, SGD: hdl.stacked scales each member's update) and no
+# scheduler changes the rate during training; otherwise it is structure
+LR_SCALABLE_OPTIMIZERS = frozenset({"torch.optim.Adam", "torch.optim.SGD"})
 # labels: where and how a run is written, named, logged, printed and resumed
 LABEL_KEYS = frozenset(
     {
@@ -65,6 +69,12 @@ def _switches(flat: Mapping[str, Any]) -> dict[str, bool]:
         "sparse": float(flat.get("loss.sparse.l0") or 0) > 0,
         "l2": float(flat.get("loss.l2") or 0) > 0,
     }
+
+
+def lr_is_member_value(flat: Mapping[str, Any]) -> bool:
+    """Whether members may differ in ``optimizer.lr`` (see LR_SCALABLE_OPTIMIZERS)."""
+    scheduler = any(k.startswith("scheduler.") and v is not None for k, v in flat.items())
+    return flat.get("optimizer._target_") in LR_SCALABLE_OPTIMIZERS and not scheduler
 
 
 def not_stackable(flat: Mapping[str, Any]) -> str | None:
@@ -106,5 +116,7 @@ def stacking_key(cfg: DictConfig | Mapping[str, Any]) -> tuple[str | None, str |
         for k, v in flat.items()
         if k not in MEMBER_KEYS and k not in LABEL_KEYS and not k.startswith(LABEL_PREFIXES)
     }
+    if lr_is_member_value(flat):
+        shared.pop("optimizer.lr", None)
     shared["switches"] = _switches(flat)
     return json.dumps(shared, sort_keys=True, default=str), None

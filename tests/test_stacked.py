@@ -102,6 +102,29 @@ def test_cnn_member_equals_the_run_alone(tmp_path, loss):
         _compare(results[i], alone, (members[i][1], run_dir), weight_atol=1e-4)
 
 
+def test_members_with_their_own_learning_rates(tmp_path):
+    """Adam at member 0's rate, each member's update scaled to its own rate: the run alone up
+    to the rounding of recovering the update (a few float32 ulps of the weights per step)."""
+    from hdl.runner import run
+    from hdl.stacked_run import run_stacked
+
+    def jobs(tag: str):
+        return [
+            _job(["data=breast_cancer", f"optimizer.lr={lr}", f"seed={i}"], tmp_path / f"{tag}{i}")
+            for i, lr in enumerate((1e-3, 4e-3))
+        ]
+
+    members = jobs("stacked")
+    results = run_stacked(members)
+    for i, (cfg, run_dir) in enumerate(jobs("alone")):
+        alone = run(cfg, run_dir)
+        for key in ("test/acc", "test/pgd_acc@0.1", "val/acc"):
+            assert results[i]["metrics"][key] == pytest.approx(alone["metrics"][key], abs=0.02)
+        a, b = np.load(members[i][1] / "weights.npz"), np.load(run_dir / "weights.npz")
+        for name in a.files:
+            np.testing.assert_allclose(a[name], b[name], atol=1e-4, rtol=0)
+
+
 def test_stacked_net_forward_and_robust_gradients_are_each_members():
     """The math, directly: outputs, the robust loss and its weight gradients of each member."""
     from hdl.losses import HolisticLoss
@@ -164,7 +187,10 @@ def test_stacking_key_groups_values_and_separates_structure():
     assert reason is None
     assert _key([*base, "loss.robust.eps=0.3", "data.split_seed=2", "seed=5"])[0] == key
     assert _key([*base, "loss.robust.eps=0"])[0] != key  # the term switched off: structure
-    assert _key([*base, "optimizer.lr=0.01"])[0] != key
+    assert _key([*base, "optimizer.lr=0.01"])[0] == key  # Adam: a member's own rate
+    cosine = [*base, "scheduler=cosine"]
+    assert _key([*cosine, "optimizer.lr=0.01"])[0] != _key(cosine)[0]
+    assert _key([*base, "optimizer.weight_decay=0.1"])[0] != key
     assert _key([*base, "model.hidden=[8]"])[0] != key
     assert _key([*base, "model.dropout=0.2"]) == (None, "dropout")
     assert _key(["loss=pgd_at", "data=iris"])[0] is None
