@@ -349,6 +349,12 @@ class StackedModule(pl.LightningModule):
     def configure_optimizers(self):
         return optimizer_groups(self)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["member_history"] = self.history  # the members' logs survive a resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("member_history", []))
+
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Members with their own learning rates: the optimizer steps at member 0's rate and
         each member's update is scaled by its rate's ratio to it. Exact for optimizers whose

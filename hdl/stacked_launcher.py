@@ -46,10 +46,17 @@ def _default_workers() -> int:
     return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 1)
 
 
-def plan_tasks(keys: Sequence[str | None], max_members: int, workers: int) -> list[list[int]]:
+def plan_tasks(
+    keys: Sequence[str | None],
+    max_members: int,
+    workers: int,
+    costs: Sequence[float] | None = None,
+) -> list[list[int]]:
     """Job indices per task: jobs of one key form groups of at most ``max_members`` (split
-    further while there are fewer tasks than workers), jobs without a key run alone. Largest
-    tasks first."""
+    further while there are fewer tasks than workers), jobs without a key run alone. The most
+    costly tasks first (the sum of the jobs' ``costs``, default 1 each), so that the workers,
+    taking tasks in this order, finish close together."""
+    cost = costs if costs is not None else [1.0] * len(keys)
     groups: dict[str, list[int]] = {}
     tasks: list[list[int]] = []
     for index, key in enumerate(keys):
@@ -68,7 +75,7 @@ def plan_tasks(keys: Sequence[str | None], max_members: int, workers: int) -> li
         big = tasks.pop(0)
         half = math.ceil(len(big) / 2)
         tasks += [big[:half], big[half:]]
-    return sorted(tasks, key=len, reverse=True)
+    return sorted(tasks, key=lambda task: sum(cost[i] for i in task), reverse=True)
 
 
 def _job_config(hydra_context: HydraContext, config: DictConfig, overrides, num: int):
@@ -80,9 +87,41 @@ def _job_config(hydra_context: HydraContext, config: DictConfig, overrides, num:
 
 
 def _warm_up() -> None:
-    """Import the training stack in a worker while the launcher still composes the jobs."""
-    import hdl.runner  # noqa: F401
-    import hdl.stacked_run  # noqa: F401
+    """Import the training stack in a worker while the launching process still checks and
+    composes the jobs."""
+    import importlib
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+
+
+# what a worker imports before its first job: the training stack, data, models, attacks
+WARM_MODULES = (
+    "hdl.runner",
+    "hdl.stacked_run",
+    "hdl.stacked",
+    "hdl.data.tabular",
+    "hdl.data.images",
+    "hdl.models.mlp",
+    "hdl.models.cnn",
+    "hdl.attacks",
+    "torchattacks",
+    "hdl.report",
+)
+
+
+def start_workers(n_jobs: int | None = None):
+    """The launcher's worker processes, started (and importing) now; the same reusable
+    executor is taken again by :meth:`StackedLauncher.launch`."""
+    from joblib.externals.loky import get_reusable_executor
+
+    workers = int(n_jobs) if n_jobs else _default_workers()
+    executor = get_reusable_executor(max_workers=workers)
+    _WARMING.extend(executor.submit(_warm_up) for _ in range(workers))
+    return executor
+
+
+_WARMING: list[Any] = []
 
 
 def _prepare(cfg: DictConfig) -> tuple[DictConfig, Path]:
@@ -176,36 +215,36 @@ class StackedLauncher(Launcher):
 
     def _compose(
         self, job_overrides: Sequence[Sequence[str]], first: int
-    ) -> tuple[list[DictConfig], list[str | None]]:
-        """Every job's composed config (as Hydra's joblib launcher composes it) and its
-        stacking key (None: the job runs alone)."""
+    ) -> tuple[list[DictConfig], list[float], list[str | None]]:
+        """Every job's composed config (as Hydra's joblib launcher composes it), its relative
+        cost and its stacking key (None: the job runs alone)."""
         from hydra.core.hydra_config import HydraConfig
 
         from hdl.stacked_run import resolved_task
-        from hdl.stacking import stacking_key
+        from hdl.stacking import relative_cost, stacking_key
 
         configs: list[DictConfig] = []
+        costs: list[float] = []
         keys: list[str | None] = []
         saved = HydraConfig.instance().cfg
         try:
             for offset, overrides in enumerate(job_overrides):
                 job = _job_config(self.hydra_context, self.config, overrides, first + offset)
                 configs.append(job)
-                if not self.stack:
-                    keys.append(None)
-                    continue
                 # this job's ${hydra:runtime.output_dir} (run_job sets the same again)
                 out = Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir)
                 with read_write(job.hydra.runtime), open_dict(job.hydra.runtime):
                     job.hydra.runtime.output_dir = str(out.absolute())
                 HydraConfig.instance().set_config(job)
-                key, reason = stacking_key(resolved_task(job))
+                task = resolved_task(job)
+                costs.append(relative_cost(task))
+                key, reason = stacking_key(task) if self.stack else (None, None)
                 if reason is not None:
                     log.info(f"job #{first + offset} runs alone: {reason}")
                 keys.append(key)
         finally:
             HydraConfig.instance().cfg = saved
-        return configs, keys
+        return configs, costs, keys
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -217,11 +256,11 @@ class StackedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        workers = max(min(self.n_jobs, len(job_overrides)), 1)
-        executor = get_reusable_executor(max_workers=workers)
-        warm = [executor.submit(_warm_up) for _ in range(workers)]  # imports overlap composing
-        configs, keys = self._compose(job_overrides, initial_job_idx)
-        tasks = plan_tasks(keys, self.max_members, self.n_jobs)
+        if not _WARMING:  # hdl-train's sweep callback has started them before its checks
+            start_workers(self.n_jobs)
+        executor = get_reusable_executor(max_workers=self.n_jobs)
+        configs, costs, keys = self._compose(job_overrides, initial_job_idx)
+        tasks = plan_tasks(keys, self.max_members, self.n_jobs, costs)
         sizes = ", ".join(str(len(t)) for t in tasks)
         print(
             f"stacked launcher: {len(job_overrides)} jobs as {len(tasks)} tasks "
@@ -230,8 +269,9 @@ class StackedLauncher(Launcher):
         )
         singleton_state = Singleton.get_state()
         work = [[(initial_job_idx + i, configs[i]) for i in task] for task in tasks]
-        for future in warm:
+        for future in _WARMING:
             future.result()
+        _WARMING.clear()
         futures = [
             executor.submit(
                 _execute,

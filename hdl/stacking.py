@@ -71,6 +71,15 @@ def _switches(flat: Mapping[str, Any]) -> dict[str, bool]:
     }
 
 
+def relative_cost(cfg: DictConfig | Mapping[str, Any]) -> float:
+    """A rough relative cost of one job (``cfg``: its task config; a plain one = 1), to start
+    the costly tasks first. From the stacked 25-run comparison on 2 CPU cores: the sparsity
+    masks add about 60 %, the robust term 30 %, the stability term 10 % (docs/stacked.md)."""
+    node = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    on = _switches(_flatten(node))
+    return 1.0 + 0.3 * on["robust"] + 0.6 * on["sparse"] + 0.1 * on["stable"]
+
+
 def lr_is_member_value(flat: Mapping[str, Any]) -> bool:
     """Whether members may differ in ``optimizer.lr`` (see LR_SCALABLE_OPTIMIZERS)."""
     scheduler = any(k.startswith("scheduler.") and v is not None for k, v in flat.items())

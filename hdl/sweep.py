@@ -244,6 +244,11 @@ class HDLCallback(Callback):
         global LAST_SUMMARY
         LAST_SUMMARY = None
         memoize_sweep_configs()
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        from hdl.stacked_launcher import PLUGIN_NAME, start_workers
+
+        if launcher == PLUGIN_NAME:  # workers import the training stack during the checks
+            start_workers(OmegaConf.select(config, "hydra.launcher.n_jobs", default=None))
         try:
             self.jobs = check_jobs(config)
         except SweepConfigError as err:

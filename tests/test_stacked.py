@@ -102,6 +102,27 @@ def test_cnn_member_equals_the_run_alone(tmp_path, loss):
         _compare(results[i], alone, (members[i][1], run_dir), weight_atol=1e-4)
 
 
+def test_a_relaunched_stacked_job_resumes_from_its_checkpoint(tmp_path):
+    """The group's last.ckpt (weights, optimizer, selections, schedule, the members' logs): a
+    relaunch of the finished job resumes it and reports the same members."""
+    from hdl.stacked_run import run_stacked
+
+    members = _members(tmp_path, ["data=iris"], "holistic", "m")
+    group = tmp_path / "group"
+    first = run_stacked(members, group_dir=group)
+    assert (group / "last.ckpt").is_file()
+    rows = (members[0][1] / "csv" / "metrics.csv").read_text().splitlines()
+    again = run_stacked(members, group_dir=group)
+    for a, b in zip(first, again, strict=True):
+        assert b["resumed_from"] == str(group / "last.ckpt")
+        assert a["resumed_from"] is None
+        assert b["selected"] == a["selected"]
+        for key, value in a["metrics"].items():
+            if key.startswith("test/"):
+                assert b["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert len((members[0][1] / "csv" / "metrics.csv").read_text().splitlines()) >= len(rows)
+
+
 def test_members_with_their_own_learning_rates(tmp_path):
     """Adam at member 0's rate, each member's update scaled to its own rate: the run alone up
     to the rounding of recovering the update (a few float32 ulps of the weights per step)."""
@@ -207,6 +228,9 @@ def test_plan_tasks_caps_members_and_fills_workers():
     assert [8] in tasks  # the job without a key runs alone
     assert all(len({keys[i] for i in t}) == 1 for t in tasks)
     assert len(plan_tasks(["a"] * 6, max_members=64, workers=3)) == 3
+    # the costly group first, whatever its size: workers taking tasks in order end together
+    costs = [1.0] * 5 + [2.0] * 3 + [1.0]
+    assert plan_tasks(keys, max_members=8, workers=1, costs=costs)[0] == [5, 6, 7]
 
 
 def test_stacked_launcher_sweep_writes_every_member_folder(tmp_path):
