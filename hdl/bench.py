@@ -420,7 +420,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from hdl.bench_stacked import bench_stacked
 
         _progress("stacked vs separate members")
-        result["stacked"] = bench_stacked(cfg.stacked, cfg.variants, clock)
+        result["stacked"] = bench_stacked(
+            cfg.stacked, cfg.variants, clock, build_loss=build_loss, make_step=make_step
+        )
     result["seconds"] = time.perf_counter() - start
     result["config"] = OmegaConf.to_container(cfg, resolve=True)
     return result

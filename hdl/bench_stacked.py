@@ -5,24 +5,23 @@ for the loss variants of ``stacked.variants`` (docs/stacked.md)."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from hdl.bench import Clock, build_loss, make_step
 from hdl.models.mlp import MLP
 
 
-def _member(cfg: DictConfig, spec: Any, seed: int):
+def _member(cfg: DictConfig, loss: Any, seed: int):
     from hdl.module import HolisticModule
 
     torch.manual_seed(seed)
     net = MLP(
         input_shape=[int(cfg.features)], num_outputs=int(cfg.classes), hidden=list(cfg.hidden)
     )
-    loss = build_loss(spec)
     return HolisticModule(net, loss, optimizer=partial(torch.optim.Adam, lr=1e-3))
 
 
@@ -41,9 +40,16 @@ def _stacked_step(members: list, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def bench_stacked(cfg: DictConfig, variants: DictConfig, clock: Clock) -> list[dict[str, Any]]:
-    """ms per optimizer step of all N members: separate (N steps, one per member) and stacked
-    (one step), and the speed-up, for each variant and N."""
+def bench_stacked(
+    cfg: DictConfig,
+    variants: DictConfig,
+    clock: Callable[[], float],
+    build_loss: Callable[[Any], Any],
+    make_step: Callable[..., Callable[[], None]],
+) -> list[dict[str, Any]]:
+    """ms per optimizer step of all N members: separate (N steps, one per member, as
+    ``make_step`` runs one run's step) and stacked (one step), and the speed-up, for each
+    variant and N. ``build_loss`` makes a variant's loss from its spec (hdl-bench's)."""
     rows = []
     batch, features, classes = int(cfg.batch_size), int(cfg.features), int(cfg.classes)
     for name in cfg.variants:
@@ -54,9 +60,11 @@ def bench_stacked(cfg: DictConfig, variants: DictConfig, clock: Clock) -> list[d
             y = torch.randint(0, classes, (n, batch))
             separate = []
             for i in range(n):
-                member = _member(cfg, spec, i)
+                member = _member(cfg, build_loss(spec), i)
                 separate.append(make_step(member.net, member.loss, x[i], y[i]))
-            members = [_member(cfg, spec, i) for i in range(n)]  # masks added as in a run
+            members = [
+                _member(cfg, build_loss(spec), i) for i in range(n)
+            ]  # masks added as in a run
             stacked = _stacked_step(members, x.reshape(n * batch, features), y.reshape(-1))
             for step in [*separate, stacked]:  # warm-up
                 step()

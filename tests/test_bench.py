@@ -30,6 +30,12 @@ TINY = [
     "overhead.hidden=[8]",
     "overhead.batch_sizes=[64]",
     "overhead.rounds=1",
+    "stacked.members=[1,3]",
+    "stacked.variants=[plain,holistic]",
+    "stacked.batch_size=8",
+    "stacked.features=6",
+    "stacked.hidden=[8]",
+    "stacked.repeats=2",
 ]
 
 
@@ -50,6 +56,10 @@ def test_hdl_bench_prints_the_table_and_writes_json(tmp_path):
         assert "error" not in row, row
         assert row["ms"] > 0 and row["peak_mb"] > 0
         assert row["variant"] in proc.stdout
+    stacked = {(r["variant"], r["members"]): r for r in result["stacked"]}
+    assert set(stacked) == {("plain", 1), ("plain", 3), ("holistic", 1), ("holistic", 3)}
+    assert all(r["separate_ms"] > 0 and r["stacked_ms"] > 0 for r in stacked.values())
+    assert "stacked training" in proc.stdout
     assert result["variants"][0]["ratio"] == pytest.approx(1.0)
     topk = {r["variant"]: r["topk_rel_error"] for r in result["variants"] if "topk_rel_error" in r}
     assert set(topk) == {"topk1", "topk2", "topk3"} and all(e >= 0 for e in topk.values())
