@@ -86,7 +86,7 @@ def test_mlp_member_equals_the_run_alone(tmp_path, loss):
         assert "train/theta" in results[0]["metrics"]
 
 
-@pytest.mark.parametrize("loss", ["baseline", "holistic"])
+@pytest.mark.parametrize("loss", ["baseline", "robust", "stable", "sparse", "holistic"])
 def test_cnn_member_equals_the_run_alone(tmp_path, loss):
     """Convolutions under vmap round differently from one network's: bounded, not bitwise."""
     from hdl.runner import run
