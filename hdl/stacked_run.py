@@ -165,6 +165,8 @@ def _train_and_finish(members, results, group_dir: Path | None) -> None:
         for _, cfg, run_dir, *_ in members:
             write_identity(run_dir, cfg)
         trainer.fit(stacked, datamodule=data, ckpt_path=ckpt_path)
+        if group_dir is not None:  # the finished state, with the last epoch's member logs
+            trainer.save_checkpoint(str(Path(group_dir) / "last.ckpt"))
         shared = {
             k: v for k, v in trainer.callback_metrics.items() if str(k).startswith("sparsity/")
         }
