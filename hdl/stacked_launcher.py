@@ -39,10 +39,14 @@ def register() -> None:
 
 
 def _default_workers() -> int:
-    """One worker per GPU when there are GPUs, else per CPU core."""
+    """One worker per GPU when there are GPUs (``CUDA_VISIBLE_DEVICES``, else the NVIDIA device
+    files: no torch import in the launching process), else one per CPU core."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
+    if visible is not None and visible.strip():
         return max(len([d for d in visible.split(",") if d.strip()]), 1)
+    gpus = [p for p in Path("/dev").glob("nvidia[0-9]*")] if visible is None else []
+    if gpus:
+        return len(gpus)
     return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 1)
 
 
