@@ -376,6 +376,61 @@ class StackedModule(pl.LightningModule):
                 p.copy_(old + scale * (p - old))
 
 
+def _member_slice(value: Any, i: int, size: int) -> Any:
+    """Member ``i``'s part of a stacked tensor (leading dimension ``size``); anything else as is."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
+        return value[i].clone()
+    return value
+
+
+def member_checkpoint(
+    full: dict[str, Any], stacked: StackedModule, selector: StackedSelectBest, i: int, dirpath: str
+) -> dict[str, Any]:
+    """Member ``i``'s Lightning checkpoint cut from the stacked job's ``full`` one: its weights,
+    its slice of the optimizer state (and its own learning rate), its selection as a
+    :class:`hdl.callbacks.SelectBest` state, its slice of the sparsity rewind snapshot, and the
+    loops' progress (the same as alone). A run of the member's configuration resumes from it as
+    from its own ``last.ckpt`` (docs/stacked.md)."""
+    size = stacked.size
+    out = {
+        k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states", "callbacks")
+    }
+    out.pop("member_history", None)
+    out["state_dict"] = stacked.member_state_dict(i)
+    rates = stacked.lr_scale
+    optimizers = []
+    for state in full.get("optimizer_states", []):
+        groups = []
+        for group in state["param_groups"]:
+            group = dict(group)
+            if rates is not None and not group.get("own_lr"):
+                group["lr"] = float(group["lr"]) * float(rates[i])
+            groups.append(group)
+        per_param = {
+            pid: {k: _member_slice(v, i, size) for k, v in values.items()}
+            for pid, values in state["state"].items()
+        }
+        optimizers.append({"state": per_param, "param_groups": groups})
+    out["optimizer_states"] = optimizers
+    callbacks: dict[str, Any] = {}
+    for key, state in full.get("callbacks", {}).items():
+        if key == StackedSelectBest.__qualname__:
+            from hdl.callbacks import SelectBest
+
+            callbacks[SelectBest.__qualname__] = selector.selections[i].state_dict()
+        elif key.startswith("SparsityCallback"):
+            snapshot = state.get("snapshot")
+            if snapshot is not None:
+                snapshot = {k: _member_slice(v, i, size) for k, v in snapshot.items()}
+            callbacks[key] = {**state, "snapshot": snapshot}
+        elif key.startswith("ModelCheckpoint"):
+            callbacks[key] = {**state, "dirpath": dirpath}
+        else:
+            callbacks[key] = state
+    out["callbacks"] = callbacks
+    return out
+
+
 class StackedSelectBest(pl.Callback):
     """Model selection on validation for every member (:class:`hdl.callbacks.Selection`, the
     same rule as one run's :class:`hdl.callbacks.SelectBest`). A member whose ``patience`` ran

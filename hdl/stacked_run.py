@@ -167,6 +167,7 @@ def _train_and_finish(members, results, group_dir: Path | None) -> None:
         trainer.fit(stacked, datamodule=data, ckpt_path=ckpt_path)
         if group_dir is not None:  # the finished state, with the last epoch's member logs
             trainer.save_checkpoint(str(Path(group_dir) / "last.ckpt"))
+        _write_member_checkpoints(trainer, stacked, selector, members)
         shared = {
             k: v for k, v in trainer.callback_metrics.items() if str(k).startswith("sparsity/")
         }
@@ -192,6 +193,29 @@ def _train_and_finish(members, results, group_dir: Path | None) -> None:
     finally:
         if gpu_claim is not None:
             gpu_claim.release()
+
+
+def _write_member_checkpoints(trainer, stacked, selector, members) -> None:
+    """Each member's ``checkpoints/last.ckpt`` (where its run's ModelCheckpoint would write),
+    cut from the stacked job's final state: a run of the member's configuration resumes from
+    it, alone (a longer ``trainer.max_epochs``, say)."""
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from hdl.build import build_callbacks
+    from hdl.stacked import member_checkpoint
+
+    full = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    for i, (_, cfg, _, _, module, _) in enumerate(members):
+        saver = next(
+            (c for c in build_callbacks(cfg, module.loss, False) if isinstance(c, ModelCheckpoint)),
+            None,
+        )
+        if saver is None or not saver.dirpath:
+            continue
+        path = Path(saver.dirpath) / f"{saver.filename or 'last'}.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(member_checkpoint(full, stacked, selector, i, str(saver.dirpath)), path)
 
 
 def _finish_member(

@@ -123,6 +123,32 @@ def test_a_relaunched_stacked_job_resumes_from_its_checkpoint(tmp_path):
     assert len((members[0][1] / "csv" / "metrics.csv").read_text().splitlines()) >= len(rows)
 
 
+def test_a_member_resumes_alone_from_its_own_checkpoint(tmp_path):
+    """Each member's checkpoints/last.ckpt is a checkpoint of its own run: relaunched alone with
+    more epochs (trainer.max_epochs is not part of a run's identity), it continues where the
+    stacked job stopped and ends where an uninterrupted run alone ends."""
+    from hdl.runner import run
+    from hdl.stacked_run import run_stacked
+
+    base = ["data=iris", "loss=stable", "budget.steps=null", "budget.val_checks=1"]
+
+    def member(i: int, epochs: int, folder: str):
+        overrides = [*base, f"trainer.max_epochs={epochs}", f"data.split_seed={i}", f"seed={i}"]
+        return _job(overrides, tmp_path / folder)
+
+    stacked = [member(0, 3, "m0"), member(1, 3, "m1")]
+    run_stacked(stacked)
+    assert (tmp_path / "m0" / "checkpoints" / "last.ckpt").is_file()
+    resumed = run(*member(0, 6, "m0"))
+    alone = run(*member(0, 6, "alone"))
+    assert resumed["resumed_from"] == str(tmp_path / "m0" / "checkpoints" / "last.ckpt")
+    assert resumed["selected"]["step"] == alone["selected"]["step"]
+    for key, value in alone["metrics"].items():
+        if key.startswith(("test/", "val/")):
+            assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert resumed["metrics"]["train/theta"] == pytest.approx(alone["metrics"]["train/theta"])
+
+
 def test_members_with_their_own_learning_rates(tmp_path):
     """Adam at member 0's rate, each member's update scaled to its own rate: the run alone up
     to the rounding of recovering the update (a few float32 ulps of the weights per step)."""
