@@ -358,22 +358,27 @@ def keep_csv_history(loggers: list, before_step: int) -> None:
 
 
 def _load_selected(callbacks: list, module) -> dict[str, Any]:
-    """Load the weights chosen on validation into ``module`` (the model that is tested and
-    saved); the last weights when no validation check was eligible (a smoke run), with a
-    warning. Returns what was chosen, for ``metrics.json``."""
-    from pytorch_lightning.utilities import rank_zero_warn
-
     from hdl.callbacks import SelectBest
 
     selector = next(cb for cb in callbacks if isinstance(cb, SelectBest))
-    if selector.best_state is None:
+    return load_selection(selector.selection, module)
+
+
+def load_selection(selection, module) -> dict[str, Any]:
+    """Load the weights chosen on validation (a :class:`hdl.callbacks.Selection`) into
+    ``module`` (the model that is tested and saved); ``module`` keeps the last weights when no
+    validation check was eligible (a smoke run), with a warning. Returns what was chosen, for
+    ``metrics.json``. One run and each member of a stacked job (hdl.stacked_run) use it."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    if selection.best_state is None:
         rank_zero_warn(
             "select: no validation check in the final round (a smoke run?); the last weights "
             "are evaluated"
         )
-        return selector.selected() | {"step": None, "evaluated": "last"}
-    module.load_state_dict(selector.best_state)
-    return selector.selected() | {"evaluated": "selected"}
+        return selection.selected() | {"step": None, "evaluated": "last"}
+    module.load_state_dict(selection.best_state)
+    return selection.selected() | {"evaluated": "selected"}
 
 
 def validation_metrics(module, data) -> tuple[dict[str, float], list[str]]:

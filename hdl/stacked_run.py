@@ -222,22 +222,12 @@ def _finish_member(
     i, cfg, run_dir, data, module, rng, stacked, selector, trainer, shared, resumed_from, size
 ) -> dict[str, Any]:
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities import rank_zero_warn
 
     from hdl.build import build_loggers
-    from hdl.runner import _finish_wandb, finish_run
+    from hdl.runner import _finish_wandb, finish_run, load_selection
 
-    selection = selector.selections[i]
-    if selection.best_state is None:
-        rank_zero_warn(
-            f"select: no validation check in the final round for {run_dir} (a smoke run?); the "
-            "last weights are evaluated"
-        )
-        module.load_state_dict(stacked.member_state_dict(i))
-        selected = selection.selected() | {"step": None, "evaluated": "last"}
-    else:
-        module.load_state_dict(selection.best_state)
-        selected = selection.selected() | {"evaluated": "selected"}
+    module.load_state_dict(stacked.member_state_dict(i))  # the last weights, as a run ends
+    selected = load_selection(selector.selections[i], module)
     module.to(stacked.device)
     fit_metrics: dict[str, Any] = dict(shared)
     for entry in stacked.history:  # the last epoch's training terms and the last check's values
